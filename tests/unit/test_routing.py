@@ -44,6 +44,8 @@ def test_valid_paths(path: str, prefix: str, operation: XksOperation, key: str |
         "p/kms/xks/v1/health",
         "/p//q/kms/xks/v1/health",
         "/p/q//kms/xks/v1/health",
+        "/p/kms/xks/v1/keys/../encrypt",
+        "/p/kms/xks/v1/keys/./metadata",
     ],
 )
 def test_invalid_paths_are_invalid_uri_path(path: str) -> None:

@@ -51,7 +51,12 @@ def parse_path(path: str) -> Route:
         raise InvalidUriPathException("malformed URI path prefix")
     if match.group("health"):
         return Route(prefix, XksOperation.GET_HEALTH_STATUS, None)
-    return Route(prefix, _KEY_OPERATIONS[match.group("op")], match.group("key"))
+    key = match.group("key")
+    # SigV4 canonicalisation removes "." and ".." segments; a key id spelt like one
+    # would be signed as a different path than the one routed, so refuse it.
+    if key in (".", ".."):
+        raise InvalidUriPathException("not an XKS API path")
+    return Route(prefix, _KEY_OPERATIONS[match.group("op")], key)
 
 
 def validate_external_key_id(external_key_id: str) -> None:
