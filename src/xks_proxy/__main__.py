@@ -1,0 +1,5 @@
+import sys
+
+from xks_proxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""The ``xks-proxy`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from xks_proxy import __version__
+from xks_proxy.config import ConfigError, ProxyConfig, load_config
+from xks_proxy.credentials import kms_console_config, new_credential
+from xks_proxy.observability.logging import configure_logging
+
+logger = logging.getLogger("xks_proxy.cli")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_CONFIG
+    result: int = args.run(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xks-proxy", description="AWS KMS External Key Store proxy for PKCS#11 HSMs"
+    )
+    parser.add_argument("--version", action="version", version=f"xks-proxy {__version__}")
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="serve the XKS API from a TOML config file")
+    serve.add_argument("--config", required=True, type=Path, help="path of the TOML config")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser(
+        "demo", help="provision a SoftHSMv2 token with demo keys under DIR and serve it"
+    )
+    demo.add_argument("--dir", required=True, type=Path, help="directory for token and config")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", default=8000, type=int)
+    demo.add_argument("--workers", default=1, type=int)
+    demo.add_argument("--uri-prefix", default="demo", help="URI path prefix of the key store")
+    demo.add_argument("--access-key-id", help="SigV4 access key id (default: generated)")
+    demo.add_argument("--secret-access-key", help="SigV4 secret access key (default: generated)")
+    demo.add_argument(
+        "--prepare-only", action="store_true", help="provision and write the config, do not serve"
+    )
+    demo.set_defaults(run=_demo)
+
+    credentials = commands.add_parser("credentials", help="SigV4 credential tools")
+    credential_commands = credentials.add_subparsers(title="credential commands")
+    new = credential_commands.add_parser("new", help="print a fresh access key id and secret")
+    new.add_argument("--json", action="store_true", help="print as JSON")
+    new.set_defaults(run=_credentials_new)
+
+    kms_config = commands.add_parser(
+        "kms-config", help="write the JSON file the KMS console accepts for a key store"
+    )
+    kms_config.add_argument("--config", required=True, type=Path)
+    kms_config.add_argument("--key-store", required=True, help="name of the key store")
+    kms_config.add_argument(
+        "--access-key-id", help="which credential (default: the key store's first)"
+    )
+    kms_config.add_argument("--output", type=Path, help="file to write (default: stdout)")
+    kms_config.set_defaults(run=_kms_config)
+    return parser
+
+
+def _load(path: Path) -> ProxyConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"xks-proxy: invalid configuration: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging("info")
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    configure_logging(config.log_level)
+    return _run_server(config)
+
+
+def _run_server(config: ProxyConfig) -> int:
+    from xks_proxy.keymanager.pkcs11 import KeyManagerStartupError
+    from xks_proxy.server.runner import StartupError, serve
+
+    try:
+        serve(config)
+    except (StartupError, KeyManagerStartupError) as exc:
+        print(f"xks-proxy: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from xks_proxy.demo import prepare_demo
+
+    if bool(args.access_key_id) != bool(args.secret_access_key):
+        print(
+            "xks-proxy: give both --access-key-id and --secret-access-key, or neither",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    configure_logging("info")
+    try:
+        setup = prepare_demo(
+            args.dir,
+            host=args.host,
+            port=args.port,
+            uri_prefix=args.uri_prefix,
+            access_key_id=args.access_key_id,
+            secret_access_key=args.secret_access_key,
+            workers=args.workers,
+        )
+    except Exception as exc:  # provisioning talks to softhsm2-util and the HSM
+        print(f"xks-proxy: demo set-up failed: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    config = _load(setup.config_path)
+    if config is None:
+        return EXIT_CONFIG
+    _print_demo_banner(config, setup.config_path)
+    if args.prepare_only:
+        return 0
+    return _run_server(config)
+
+
+def _print_demo_banner(config: ProxyConfig, config_path: Path) -> None:
+    store = config.key_stores[0]
+    credential = store.credentials[0]
+    host = config.server.host
+    endpoint = f"http://{host}:{config.server.port}"
+    url = f"{endpoint}{store.uri_path}/keys/foo/encrypt"
+    body = json.dumps(
+        {
+            "requestMetadata": {
+                "awsPrincipalArn": "arn:aws:iam::123456789012:user/Alice",
+                "kmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/demo",
+                "kmsOperation": "Encrypt",
+                "kmsRequestId": "demo-request-1",
+            },
+            "plaintext": "SGVsbG8gV29ybGQh",
+            "encryptionAlgorithm": "AES_GCM",
+        },
+        separators=(",", ":"),
+    )
+    curl = (
+        f'curl --aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" '
+        f"--user {shlex.quote(credential.access_key_id + ':' + credential.secret_access_key)} "
+        f'-H "Content-Type:application/json" --data {shlex.quote(body)} {url}'
+    )
+    keys = ", ".join(sorted(store.external_key_ids or ()))
+    print(
+        f"""
+xks-proxy demo
+  config:            {config_path}
+  endpoint:          {endpoint}
+  URI path:          {store.uri_path}
+  access key id:     {credential.access_key_id}
+  secret access key: {credential.secret_access_key}
+  external keys:     {keys}
+
+Try it:
+  {curl}
+""",
+        flush=True,
+    )
+
+
+def _credentials_new(args: argparse.Namespace) -> int:
+    credential = new_credential()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "AccessKeyId": credential.access_key_id,
+                    "RawSecretAccessKey": credential.secret_access_key,
+                }
+            )
+        )
+    else:
+        print(f'access_key_id = "{credential.access_key_id}"')
+        print(f'secret_access_key = "{credential.secret_access_key}"')
+    return 0
+
+
+def _kms_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    stores = {store.name: store for store in config.key_stores}
+    store = stores.get(args.key_store)
+    if store is None:
+        print(
+            f"xks-proxy: no key store named {args.key_store!r} (have: {', '.join(stores)})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    credentials = {c.access_key_id: c for c in store.credentials}
+    credential = credentials.get(args.access_key_id) if args.access_key_id else store.credentials[0]
+    if credential is None:
+        print(
+            f"xks-proxy: key store {store.name!r} has no access key id {args.access_key_id!r}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    text = json.dumps(kms_console_config(store, credential), indent=2) + "\n"
+    if args.output:
+        from xks_proxy.demo import write_private
+
+        write_private(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Configuration: a TOML file -> frozen, fully validated dataclasses.
+
+Every problem is reported with the key path that holds it (``key_stores[0].credentials[1]
+.secret_access_key: ...``) so an operator can fix the file without guessing. Secrets can
+live in the file, in an environment variable (``*_env``) or in a separate file
+(``*_file``); a secret-holding file readable by group or others draws a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xks_proxy.protocol.routing import EXTERNAL_KEY_ID_RE, normalize_uri_prefix, uri_path_problem
+from xks_proxy.protocol.validate import RequestLimits
+
+logger = logging.getLogger("xks_proxy.config")
+
+ACCESS_KEY_ID_RE = re.compile(r"[A-Z2-7]{20,30}")
+SECRET_ACCESS_KEY_RE = re.compile(r"[A-Za-z0-9/+=]{43,64}")
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One SigV4 credential of a key store (spec: Authentication, credential rotation)."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Credential(access_key_id={self.access_key_id!r}, secret_access_key=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStoreConfig:
+    """One logical key store: a URI prefix with its own credentials and keys."""
+
+    name: str
+    uri_prefix: str  # normalized: "" or "/a/b"
+    credentials: tuple[Credential, ...]
+    external_key_ids: frozenset[str] | None  # None: any key on the HSM
+    ciphertext_metadata: bytes | None = None
+
+    @property
+    def uri_path(self) -> str:
+        """The XksProxyUriPath KMS is configured with."""
+        return f"{self.uri_prefix}/kms/xks/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class HsmConfig:
+    module: str
+    token_label: str | None
+    slot: int | None
+    pin: str = field(repr=False)
+    health_check_key_label: str
+    sessions: int
+    environment: Mapping[str, str]
+
+    def __repr__(self) -> str:
+        return (
+            f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, "
+            f"slot={self.slot!r}, pin=<redacted>, sessions={self.sessions})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str
+    port: int
+    workers: int
+    max_body_bytes: int
+    allow_plain_http: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    server: ServerConfig
+    hsm: HsmConfig
+    key_stores: tuple[KeyStoreConfig, ...]
+    limits: RequestLimits
+    fleet_size: int
+    vendor: str
+    log_level: str
+    source: Path | None = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """Typed access to one TOML table, remembering its key path for error messages."""
+
+    def __init__(self, table: Mapping[str, Any], path: str, base_dir: Path) -> None:
+        self.table = table
+        self.path = path
+        self.base_dir = base_dir
+        self.used: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(key)}: {message}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default
+        value = self.table[key]
+        # bool is an int in Python; never accept true for a number.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(key, f"must be {_kind_name(kind)}")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"must be {_kind_name(kind)}")
+        return value
+
+    def int_in(self, key: str, low: int, high: int, default: int) -> int:
+        value: int = self.get(key, int, default)
+        if not low <= value <= high:
+            raise self.fail(key, f"must be between {low} and {high}")
+        return value
+
+    def sub(self, key: str, required: bool = False) -> _Reader:
+        value = self.get(key, dict, ... if required else {})
+        return _Reader(value, self.where(key), self.base_dir)
+
+    def items(self, key: str) -> list[_Reader]:
+        values = self.get(key, list, [])
+        readers = []
+        for index, item in enumerate(values):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{self.where(key)}[{index}]: must be a table")
+            readers.append(_Reader(item, f"{self.where(key)}[{index}]", self.base_dir))
+        return readers
+
+    def secret(self, key: str) -> str:
+        """A secret given inline, as ``key_env`` (variable name) or ``key_file`` (path)."""
+        sources = [k for k in (key, f"{key}_env", f"{key}_file") if k in self.table]
+        self.used.update((key, f"{key}_env", f"{key}_file"))
+        if len(sources) != 1:
+            raise self.fail(key, f"give exactly one of {key}, {key}_env, {key}_file")
+        source = sources[0]
+        if source == key:
+            return str(self.get(key, str))
+        if source.endswith("_env"):
+            name = self.get(source, str)
+            value = os.environ.get(name)
+            if value is None:
+                raise self.fail(source, f"environment variable {name} is not set")
+            return value
+        path = self.path_value(source)
+        try:
+            warn_if_readable_by_others(path, self.where(source))
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise self.fail(source, f"cannot read {path}: {exc.strerror}") from None
+
+    def path_value(self, key: str) -> Path:
+        path = Path(self.get(key, str)).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown setting (misspelt?)")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        bool: "true or false",
+        dict: "a table",
+        list: "a list",
+    }
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def warn_if_readable_by_others(path: Path, where: str) -> None:
+    """Log a warning when a file holding secrets is readable by group or others."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning(
+            "%s: %s holds secrets and is accessible by group/others (mode %o); chmod 600 it",
+            where,
+            path,
+            stat.S_IMODE(mode),
+        )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path: Path) -> ProxyConfig:
+    """Read and validate a TOML config file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if _mentions_inline_secret(document):
+        warn_if_readable_by_others(path, str(path))
+    return parse_config(document, base_dir=path.parent.resolve(), source=path)
+
+
+def _mentions_inline_secret(document: Mapping[str, Any]) -> bool:
+    hsm = document.get("hsm", {})
+    if isinstance(hsm, dict) and "pin" in hsm:
+        return True
+    for store in document.get("key_stores", []) or []:
+        if isinstance(store, dict):
+            for credential in store.get("credentials", []) or []:
+                if isinstance(credential, dict) and "secret_access_key" in credential:
+                    return True
+    return False
+
+
+def parse_config(
+    document: Mapping[str, Any], *, base_dir: Path, source: Path | None = None
+) -> ProxyConfig:
+    """Validate a parsed TOML document into a ProxyConfig."""
+    root = _Reader(document, "", base_dir)
+    server = _server(root.sub("server"))
+    hsm = _hsm(root.sub("hsm", required=True))
+    proxy = root.sub("proxy")
+    fleet_size = proxy.int_in("fleet_size", 1, 10_000, 1)
+    vendor = proxy.get("vendor", str, "xks-proxy project")
+    proxy.check_unknown()
+    limits_table = root.sub("limits")
+    try:
+        limits = RequestLimits(
+            max_plaintext_bytes=limits_table.int_in("max_plaintext_bytes", 1, 1 << 20, 65536),
+            max_aad_bytes=limits_table.int_in("max_aad_bytes", 1, 0xFFFF, 0xFFFF),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"limits: {exc}") from None
+    limits_table.check_unknown()
+    logging_table = root.sub("logging")
+    log_level = logging_table.get("level", str, "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise logging_table.fail("level", "must be debug, info, warning or error")
+    logging_table.check_unknown()
+    key_stores = _key_stores(root)
+    root.check_unknown()
+    needed = 2 * limits.max_plaintext_bytes + 2 * limits.max_aad_bytes
+    if server.max_body_bytes < min(needed, 32768):
+        raise ConfigError(
+            "server.max_body_bytes: too small for the spec's minimum request sizes (use >= 32768)"
+        )
+    return ProxyConfig(
+        server=server,
+        hsm=hsm,
+        key_stores=key_stores,
+        limits=limits,
+        fleet_size=fleet_size,
+        vendor=vendor,
+        log_level=log_level,
+        source=source,
+    )
+
+
+def _server(table: _Reader) -> ServerConfig:
+    config = ServerConfig(
+        host=table.get("host", str, "127.0.0.1"),
+        port=table.int_in("port", 0, 65535, 8000),
+        workers=table.int_in("workers", 1, 64, 1),
+        max_body_bytes=table.int_in("max_body_bytes", 1024, 16 << 20, 262144),
+        allow_plain_http=table.get("allow_plain_http", bool, False),
+    )
+    table.check_unknown()
+    return config
+
+
+def _hsm(table: _Reader) -> HsmConfig:
+    module = str(table.path_value("module"))
+    token_label = table.get("token_label", str, None)
+    slot = table.get("slot", int, None)
+    if (token_label is None) == (slot is None):
+        raise table.fail("token_label", "give exactly one of token_label or slot")
+    environment_table = table.sub("environment")
+    environment: dict[str, str] = {}
+    for name in environment_table.table:
+        environment[name] = str(environment_table.get(name, str))
+    config = HsmConfig(
+        module=module,
+        token_label=token_label,
+        slot=slot,
+        pin=table.secret("pin"),
+        health_check_key_label=table.get("health_check_key", str, "xks-health-check"),
+        sessions=table.int_in("sessions", 1, 256, 4),
+        environment=environment,
+    )
+    table.check_unknown()
+    return config
+
+
+def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
+    stores = root.items("key_stores")
+    if not stores:
+        raise root.fail("key_stores", "at least one [[key_stores]] table is required")
+    result: list[KeyStoreConfig] = []
+    seen_prefixes: dict[str, str] = {}
+    seen_akids: dict[str, str] = {}
+    for store in stores:
+        name = store.get("name", str)
+        prefix_raw = store.get("uri_prefix", str, "")
+        problem = uri_path_problem(prefix_raw)
+        if problem:
+            raise store.fail("uri_prefix", problem)
+        prefix = normalize_uri_prefix(prefix_raw)
+        if prefix in seen_prefixes:
+            raise store.fail("uri_prefix", f"already used by key store {seen_prefixes[prefix]!r}")
+        seen_prefixes[prefix] = name
+        credentials = []
+        for entry in store.items("credentials"):
+            akid = entry.get("access_key_id", str)
+            if ACCESS_KEY_ID_RE.fullmatch(akid) is None:
+                raise entry.fail("access_key_id", "must be 20-30 characters of A-Z and 2-7")
+            if akid in seen_akids:
+                raise entry.fail("access_key_id", f"already used by key store {seen_akids[akid]!r}")
+            seen_akids[akid] = name
+            secret = entry.secret("secret_access_key")
+            if SECRET_ACCESS_KEY_RE.fullmatch(secret) is None:
+                raise entry.fail(
+                    "secret_access_key", "must be 43-64 characters of A-Z a-z 0-9 / + ="
+                )
+            entry.check_unknown()
+            credentials.append(Credential(akid, secret))
+        if not credentials:
+            raise store.fail("credentials", "at least one credential is required")
+        key_ids = store.get("external_key_ids", list, None)
+        external_key_ids = None
+        if key_ids is not None:
+            for index, key_id in enumerate(key_ids):
+                if not isinstance(key_id, str) or EXTERNAL_KEY_ID_RE.fullmatch(key_id) is None:
+                    raise ConfigError(
+                        f"{store.where('external_key_ids')}[{index}]: must be 1-128 characters "
+                        "of A-Z a-z 0-9 . - _"
+                    )
+            external_key_ids = frozenset(key_ids)
+        metadata_text = store.get("ciphertext_metadata", str, None)
+        metadata = None
+        if metadata_text is not None:
+            metadata = metadata_text.encode("utf-8")
+            if not 1 <= len(metadata) <= 20:
+                raise store.fail("ciphertext_metadata", "must be 1-20 bytes")
+        store.check_unknown()
+        result.append(KeyStoreConfig(name, prefix, tuple(credentials), external_key_ids, metadata))
+    return tuple(result)

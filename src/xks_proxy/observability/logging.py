@@ -1,0 +1,68 @@
+"""JSON-lines logging: one line per request, and the proxy's own events.
+
+Request lines carry requestMetadata (kmsRequestId above all), the outcome and the
+latency (spec: Logging). They never carry plaintext, AAD or secrets: the service only
+ever puts metadata, identifiers and our own error messages into a log record.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+import orjson
+
+REQUEST_LOGGER_NAME = "xks_proxy.request"
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None:
+            # The exception type only: tracebacks can carry local values.
+            line["exception"] = record.exc_info[0].__name__
+        return orjson.dumps(line, default=str).decode("utf-8")
+
+
+def _iso_time(created: float) -> str:
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Send every xks_proxy log (and uvicorn's) to ``stream`` as JSON lines."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        named = logging.getLogger(name)
+        named.handlers.clear()
+        named.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+_request_logger = logging.getLogger(REQUEST_LOGGER_NAME)
+
+
+def log_request(fields: dict[str, Any]) -> None:
+    """Write one request line."""
+    if _request_logger.isEnabledFor(logging.INFO):
+        _request_logger.info("request", extra={"fields": fields})

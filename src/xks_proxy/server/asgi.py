@@ -1,0 +1,143 @@
+"""The HTTP edge as a bare ASGI application (no framework: one route table, four APIs).
+
+Its jobs: cap the body before reading it in full (and before authentication), hand
+the request to the service, write the single-line JSON answer, and log the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from xks_proxy.observability.logging import log_request
+from xks_proxy.protocol.errors import UnsupportedOperationException, XksError
+from xks_proxy.service import JSON_HEADERS, XksService, error_body, error_outcome
+
+logger = logging.getLogger("xks_proxy.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CLOSE_HEADERS = [*JSON_HEADERS, (b"connection", b"close")]
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds the configured cap."""
+
+
+class XksApp:
+    """ASGI app serving the XKS API from an XksService.
+
+    ``service_factory`` (used by spawned workers) builds the service at lifespan
+    start-up, in the worker process itself: PKCS#11 is never initialised before a fork.
+    """
+
+    def __init__(
+        self,
+        service: XksService | None = None,
+        *,
+        service_factory: Callable[[], XksService] | None = None,
+        max_body_bytes: int | None = None,
+    ) -> None:
+        if (service is None) == (service_factory is None):
+            raise ValueError("give exactly one of service or service_factory")
+        self.service = service
+        self.service_factory = service_factory
+        self.max_body_bytes = max_body_bytes or (
+            service.config.server.max_body_bytes if service else 262144
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self.service is None and self.service_factory is not None:
+                        self.service = self.service_factory()
+                        self.max_body_bytes = self.service.config.server.max_body_bytes
+                except Exception as exc:
+                    logger.error("worker start-up failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.service is not None:
+                    self.service.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        service = self.service
+        if service is None:  # lifespan disabled and no service: refuse rather than crash
+            await _respond(send, 503, error_body(XksError("proxy not started")), CLOSE_HEADERS)
+            return
+        try:
+            body = await self._read_body(scope, receive)
+        except BodyTooLarge:
+            error = UnsupportedOperationException(
+                f"request body larger than {self.max_body_bytes} bytes is not supported"
+            )
+            outcome = error_outcome(error, CLOSE_HEADERS)
+        else:
+            raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
+            outcome = await service.handle(
+                scope["method"],
+                raw_path.split(b"?", 1)[0],
+                scope["query_string"],
+                scope["headers"],
+                body,
+            )
+        await _respond(send, outcome.status, outcome.body, outcome.headers)
+        outcome.log["latencyMs"] = round((time.perf_counter() - started) * 1000, 3)
+        client = scope.get("client")
+        if client:
+            outcome.log["client"] = client[0]
+        log_request(outcome.log)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        raise BodyTooLarge()
+                except ValueError:
+                    pass  # the HTTP parser already rejects malformed lengths
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode("ascii"))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
