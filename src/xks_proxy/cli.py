@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
 
+    reload = commands.add_parser(
+        "reload", help="make a running proxy re-read its config file (like SIGHUP) and report"
+    )
+    reload.add_argument("--config", required=True, type=Path)
+    reload.add_argument("--timeout", type=float, default=20.0)
+    reload.set_defaults(run=_reload)
+
     credentials = commands.add_parser("credentials", help="SigV4 credential tools")
     credential_commands = credentials.add_subparsers(title="credential commands")
     new = credential_commands.add_parser("new", help="print a fresh access key id and secret")
@@ -98,11 +105,10 @@ def _run_server(config: ProxyConfig) -> int:
     from xks_proxy.server.runner import StartupError, serve
 
     try:
-        serve(config)
+        return serve(config)
     except (StartupError, KeyManagerStartupError) as exc:
         print(f"xks-proxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -177,6 +183,41 @@ Try it:
 """,
         flush=True,
     )
+
+
+def _reload(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import time
+
+    from xks_proxy.config import state_dir_of
+    from xks_proxy.server import reload as reload_files
+
+    state_dir = state_dir_of(args.config)
+    try:
+        pid = int((state_dir / reload_files.PID_FILE).read_text(encoding="ascii").strip())
+        status_path = state_dir / reload_files.STATUS_FILE
+        before = reload_files.read_generation(status_path)
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"xks-proxy: no running proxy found for {args.config}: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        status = reload_files.read_json(status_path)
+        if status and isinstance(status.get("generation"), int) and status["generation"] > before:
+            if status.get("ok"):
+                print(f"reloaded (generation {status['generation']})")
+                return 0
+            print(
+                f"xks-proxy: reload failed, still running the previous configuration: "
+                f"{status.get('error')}",
+                file=sys.stderr,
+            )
+            return EXIT_STARTUP
+        time.sleep(0.05)
+    print("xks-proxy: the proxy did not report a reload result in time", file=sys.stderr)
+    return EXIT_STARTUP
 
 
 def _credentials_new(args: argparse.Namespace) -> int:

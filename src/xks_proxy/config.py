@@ -52,6 +52,7 @@ class KeyStoreConfig:
     credentials: tuple[Credential, ...]
     external_key_ids: frozenset[str] | None  # None: any key on the HSM
     ciphertext_metadata: bytes | None = None
+    region: str | None = None  # AWS region of the KMS key store (mTLS client name default)
 
     @property
     def uri_path(self) -> str:
@@ -83,11 +84,35 @@ class ServerConfig:
     workers: int
     max_body_bytes: int
     allow_plain_http: bool
+    state_dir: Path
+    health_host: str
+    health_port: int | None  # plain-HTTP load-balancer health listener (GET /ping, /ready)
+    keep_alive_seconds: int
+    graceful_shutdown_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """HTTPS for the API port; mTLS when client_ca_file is set."""
+
+    cert_file: Path
+    key_file: Path
+    key_password: str | None = field(repr=False)
+    client_ca_file: Path | None
+    client_names: tuple[str, ...]  # allowed client certificate CN / DNS SAN (mTLS)
+
+    def __repr__(self) -> str:
+        return (
+            f"TlsConfig(cert_file={str(self.cert_file)!r}, key_file={str(self.key_file)!r}, "
+            f"client_ca_file={self.client_ca_file and str(self.client_ca_file)!r}, "
+            f"client_names={self.client_names!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     server: ServerConfig
+    tls: TlsConfig | None
     hsm: HsmConfig
     key_stores: tuple[KeyStoreConfig, ...]
     limits: RequestLimits
@@ -222,6 +247,20 @@ def load_config(path: Path) -> ProxyConfig:
     return parse_config(document, base_dir=path.parent.resolve(), source=path)
 
 
+def state_dir_of(path: Path) -> Path:
+    """The state directory a config file names, even if the rest of it is invalid."""
+    base_dir = path.parent.resolve()
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        value = document.get("server", {}).get("state_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        value = None
+    if isinstance(value, str):
+        state = Path(value).expanduser()
+        return state if state.is_absolute() else base_dir / state
+    return base_dir / "state"
+
+
 def _mentions_inline_secret(document: Mapping[str, Any]) -> bool:
     hsm = document.get("hsm", {})
     if isinstance(hsm, dict) and "pin" in hsm:
@@ -240,6 +279,7 @@ def parse_config(
     """Validate a parsed TOML document into a ProxyConfig."""
     root = _Reader(document, "", base_dir)
     server = _server(root.sub("server"))
+    tls_table = root.sub("tls")
     hsm = _hsm(root.sub("hsm", required=True))
     proxy = root.sub("proxy")
     fleet_size = proxy.int_in("fleet_size", 1, 10_000, 1)
@@ -260,6 +300,12 @@ def parse_config(
         raise logging_table.fail("level", "must be debug, info, warning or error")
     logging_table.check_unknown()
     key_stores = _key_stores(root)
+    tls = _tls(tls_table, key_stores) if tls_table.table else None
+    if tls is None and not server.allow_plain_http:
+        raise ConfigError(
+            "tls: required (KMS only talks HTTPS); for loopback testing set "
+            "server.allow_plain_http = true instead"
+        )
     root.check_unknown()
     needed = 2 * limits.max_plaintext_bytes + 2 * limits.max_aad_bytes
     if server.max_body_bytes < min(needed, 32768):
@@ -268,6 +314,7 @@ def parse_config(
         )
     return ProxyConfig(
         server=server,
+        tls=tls,
         hsm=hsm,
         key_stores=key_stores,
         limits=limits,
@@ -279,13 +326,62 @@ def parse_config(
 
 
 def _server(table: _Reader) -> ServerConfig:
+    port = table.int_in("port", 0, 65535, 8000)
+    health_port = table.get("health_port", int, None)
+    if health_port is not None and not 0 < health_port <= 65535:
+        raise table.fail("health_port", "must be between 1 and 65535")
+    if health_port is not None and health_port == port:
+        raise table.fail("health_port", "must differ from server.port")
     config = ServerConfig(
         host=table.get("host", str, "127.0.0.1"),
-        port=table.int_in("port", 0, 65535, 8000),
+        port=port,
         workers=table.int_in("workers", 1, 64, 1),
         max_body_bytes=table.int_in("max_body_bytes", 1024, 16 << 20, 262144),
         allow_plain_http=table.get("allow_plain_http", bool, False),
+        state_dir=table.path_value("state_dir")
+        if "state_dir" in table.table
+        else table.base_dir / "state",
+        health_host=table.get("health_host", str, "127.0.0.1"),
+        health_port=health_port,
+        keep_alive_seconds=table.int_in("keep_alive_seconds", 1, 3600, 60),
+        graceful_shutdown_seconds=table.int_in("graceful_shutdown_seconds", 1, 600, 10),
     )
+    table.check_unknown()
+    return config
+
+
+def _tls(table: _Reader, key_stores: tuple[KeyStoreConfig, ...]) -> TlsConfig:
+    cert_file = table.path_value("cert_file")
+    key_file = table.path_value("key_file")
+    password = None
+    if any(k in table.table for k in ("key_password", "key_password_env", "key_password_file")):
+        password = table.secret("key_password")
+    client_ca_file = table.path_value("client_ca_file") if "client_ca_file" in table.table else None
+    names_raw = table.get("client_names", list, None)
+    if names_raw is not None:
+        if client_ca_file is None:
+            raise table.fail("client_names", "needs tls.client_ca_file (mTLS)")
+        if not names_raw or not all(isinstance(n, str) and n for n in names_raw):
+            raise table.fail("client_names", "must be a non-empty list of names")
+        client_names = tuple(names_raw)
+    else:
+        # KMS presents CN=cks.kms.<region>.amazonaws.com (spec: Authentication).
+        client_names = tuple(
+            sorted({f"cks.kms.{s.region}.amazonaws.com" for s in key_stores if s.region})
+        )
+        if client_ca_file is not None and not client_names:
+            raise table.fail(
+                "client_names",
+                "mTLS needs the allowed client names: set tls.client_names or key_stores[].region",
+            )
+    for key, path in (
+        ("cert_file", cert_file),
+        ("key_file", key_file),
+        ("client_ca_file", client_ca_file),
+    ):
+        if path is not None and not path.is_file():
+            raise table.fail(key, f"{path} does not exist")
+    config = TlsConfig(cert_file, key_file, password, client_ca_file, client_names)
     table.check_unknown()
     return config
 
@@ -357,6 +453,9 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
                         "of A-Z a-z 0-9 . - _"
                     )
             external_key_ids = frozenset(key_ids)
+        region = store.get("region", str, None)
+        if region is not None and REGION_RE.fullmatch(region) is None:
+            raise store.fail("region", "must be an AWS region name such as us-east-1")
         metadata_text = store.get("ciphertext_metadata", str, None)
         metadata = None
         if metadata_text is not None:
@@ -364,5 +463,7 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
             if not 1 <= len(metadata) <= 20:
                 raise store.fail("ciphertext_metadata", "must be 1-20 bytes")
         store.check_unknown()
-        result.append(KeyStoreConfig(name, prefix, tuple(credentials), external_key_ids, metadata))
+        result.append(
+            KeyStoreConfig(name, prefix, tuple(credentials), external_key_ids, metadata, region)
+        )
     return tuple(result)

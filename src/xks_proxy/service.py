@@ -55,6 +55,12 @@ JSON_HEADERS: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json"
 ALLOW_POST_HEADERS: list[tuple[bytes, bytes]] = [*JSON_HEADERS, (b"allow", b"POST")]
 
 
+@dataclass(frozen=True, slots=True)
+class _ServiceState:
+    config: ProxyConfig
+    key_stores: KeyStoreTable
+
+
 @dataclass(slots=True)
 class Outcome:
     """What to answer, and what to log about it."""
@@ -92,8 +98,7 @@ class XksService:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
-        self.key_stores = KeyStoreTable.build(config.key_stores)
+        self._state = _ServiceState(config, KeyStoreTable.build(config.key_stores))
         self.key_manager = key_manager
         # One thread per HSM session: more threads would only queue for a session.
         self.executor = executor or ThreadPoolExecutor(
@@ -101,6 +106,19 @@ class XksService:
         )
         self.clock = clock
         self.ekm_info: EkmInfo = key_manager.info()
+
+    @property
+    def config(self) -> ProxyConfig:
+        """The configuration in force."""
+        return self._state.config
+
+    def apply_config(self, config: ProxyConfig) -> None:
+        """Swap in a new (already validated) configuration in one step.
+
+        Requests already running keep the state they started with; the next request
+        sees the new key stores, credentials and limits. HSM settings need a restart.
+        """
+        self._state = _ServiceState(config, KeyStoreTable.build(config.key_stores))
 
     def close(self) -> None:
         """Stop the HSM thread pool and release the key manager."""
@@ -138,6 +156,7 @@ class XksService:
         body: bytes,
         log: dict[str, Any],
     ) -> XksResponse:
+        state = self._state  # one request sees one configuration, even across a reload
         route = _route(raw_path)
         log["operation"] = route.operation.value
         if route.external_key_id is not None:
@@ -150,15 +169,15 @@ class XksService:
             query_string=query_string,
             headers=headers,
             body=body,
-            lookup_secret=self.key_stores.secret_for,
+            lookup_secret=state.key_stores.secret_for,
             now=self.clock(),
         )
         log["accessKeyId"] = identity.access_key_id
-        key_store = self.key_stores.key_store_for(identity.access_key_id)
+        key_store = state.key_stores.key_store_for(identity.access_key_id)
         log["keyStore"] = key_store.name
         if key_store.uri_prefix != route.uri_prefix:
             raise InvalidUriPathException("no key store at this URI path for these credentials")
-        request = parse_request(route.operation, body, self.config.limits)
+        request = parse_request(route.operation, body, state.config.limits)
         _log_metadata(log, request.metadata)
         if route.operation is XksOperation.GET_HEALTH_STATUS:
             return await self.get_health_status()

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from xks_proxy.observability.logging import log_request
-from xks_proxy.protocol.errors import UnsupportedOperationException, XksError
+from xks_proxy.protocol.errors import InternalException, UnsupportedOperationException
 from xks_proxy.service import JSON_HEADERS, XksService, error_body, error_outcome
 
 logger = logging.getLogger("xks_proxy.server")
@@ -30,26 +30,22 @@ class BodyTooLarge(Exception):
 
 
 class XksApp:
-    """ASGI app serving the XKS API from an XksService.
+    """ASGI app serving the XKS API.
 
-    ``service_factory`` (used by spawned workers) builds the service at lifespan
-    start-up, in the worker process itself: PKCS#11 is never initialised before a fork.
+    The service is built at lifespan start-up by ``service_factory``, inside the
+    worker process itself: PKCS#11 is never initialised before a process is spawned.
+    ``on_started`` runs right after (the worker installs its reload handler there).
     """
 
     def __init__(
         self,
-        service: XksService | None = None,
+        service_factory: Callable[[], XksService],
         *,
-        service_factory: Callable[[], XksService] | None = None,
-        max_body_bytes: int | None = None,
+        on_started: Callable[[XksService], None] | None = None,
     ) -> None:
-        if (service is None) == (service_factory is None):
-            raise ValueError("give exactly one of service or service_factory")
-        self.service = service
+        self.service: XksService | None = None
         self.service_factory = service_factory
-        self.max_body_bytes = max_body_bytes or (
-            service.config.server.max_body_bytes if service else 262144
-        )
+        self.on_started = on_started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -62,9 +58,9 @@ class XksApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    if self.service is None and self.service_factory is not None:
-                        self.service = self.service_factory()
-                        self.max_body_bytes = self.service.config.server.max_body_bytes
+                    self.service = self.service_factory()
+                    if self.on_started is not None:
+                        self.on_started(self.service)
                 except Exception as exc:
                     logger.error("worker start-up failed: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -80,13 +76,15 @@ class XksApp:
         started = time.perf_counter()
         service = self.service
         if service is None:  # lifespan disabled and no service: refuse rather than crash
-            await _respond(send, 503, error_body(XksError("proxy not started")), CLOSE_HEADERS)
+            error = InternalException("proxy not started")
+            await _respond(send, error.status, error_body(error), CLOSE_HEADERS)
             return
+        max_body_bytes = service.config.server.max_body_bytes
         try:
-            body = await self._read_body(scope, receive)
+            body = await _read_body(scope, receive, max_body_bytes)
         except BodyTooLarge:
             error = UnsupportedOperationException(
-                f"request body larger than {self.max_body_bytes} bytes is not supported"
+                f"request body larger than {max_body_bytes} bytes is not supported"
             )
             outcome = error_outcome(error, CLOSE_HEADERS)
         else:
@@ -105,29 +103,29 @@ class XksApp:
             outcome.log["client"] = client[0]
         log_request(outcome.log)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.max_body_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    if int(value) > limit:
-                        raise BodyTooLarge()
-                except ValueError:
-                    pass  # the HTTP parser already rejects malformed lengths
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    raise BodyTooLarge()
+            except ValueError:
+                pass  # the HTTP parser already rejects malformed lengths
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _respond(

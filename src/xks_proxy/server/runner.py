@@ -1,29 +1,21 @@
-"""Start the proxy: validate config, open the HSM, then serve with uvicorn.
+"""Start the proxy: validate config, open the HSM, then hand over to the supervisor.
 
 The HSM is opened (library loaded, token found, PIN checked, health round trip done)
 before the first request can arrive, so a wrong module path or PIN stops start-up with
-a clear message. With several workers each worker opens its own PKCS#11 session pool
-after it has been spawned; the supervisor's own check is closed before any worker
-starts (uvicorn spawns workers with fork+exec, never a bare fork).
+a clear message. Workers are spawned with fork+exec and open their own sessions.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
+from typing import Any
 
-import uvicorn
-
-from xks_proxy.config import HsmConfig, ProxyConfig, load_config
+from xks_proxy.config import HsmConfig, ProxyConfig
 from xks_proxy.keymanager.base import KeyManager
 from xks_proxy.keymanager.pkcs11 import Pkcs11KeyManager, Pkcs11Settings
-from xks_proxy.server.asgi import XksApp
 from xks_proxy.service import XksService
 
 logger = logging.getLogger("xks_proxy.server")
-
-CONFIG_ENV = "XKS_PROXY_CONFIG"
 
 
 class StartupError(Exception):
@@ -54,16 +46,8 @@ def build_service(config: ProxyConfig) -> XksService:
     return XksService(config, open_key_manager(config.hsm))
 
 
-def app_from_environment() -> XksApp:
-    """uvicorn factory for spawned workers: config path from $XKS_PROXY_CONFIG."""
-    path = Path(os.environ[CONFIG_ENV])
-    return XksApp(service_factory=lambda: build_service(load_config(path)))
-
-
-def uvicorn_options(config: ProxyConfig) -> dict[str, object]:
+def uvicorn_options(config: ProxyConfig) -> dict[str, Any]:
     return {
-        "host": config.server.host,
-        "port": config.server.port,
         "http": "httptools",
         "loop": "uvloop",
         "lifespan": "on",
@@ -71,43 +55,60 @@ def uvicorn_options(config: ProxyConfig) -> dict[str, object]:
         "server_header": False,
         "log_config": None,
         # KMS reuses connections; a short idle timeout would cost it TLS handshakes.
-        "timeout_keep_alive": 60,
-        "timeout_graceful_shutdown": 10,
+        "timeout_keep_alive": config.server.keep_alive_seconds,
+        "timeout_graceful_shutdown": config.server.graceful_shutdown_seconds,
     }
 
 
-def serve(config: ProxyConfig) -> None:
-    """Run the proxy until interrupted."""
-    if not config.server.allow_plain_http:
-        raise StartupError(
-            "TLS is not configured: set server.allow_plain_http = true to serve plain HTTP "
-            "(only for loopback testing)"
-        )
-    logger.warning("serving plain HTTP: KMS requires HTTPS; use this only for local testing")
+def restart_needed_for(old: ProxyConfig, new: ProxyConfig) -> list[str]:
+    """Settings a reload cannot apply in place (they need a restart)."""
+    changed = []
+    for name in ("host", "port", "workers", "state_dir", "health_host", "health_port"):
+        if getattr(old.server, name) != getattr(new.server, name):
+            changed.append(f"server.{name}")
+    if old.hsm != new.hsm:
+        changed.append("hsm")
+    if (old.tls is None) != (new.tls is None) or (
+        old.tls is not None
+        and new.tls is not None
+        and (old.tls.client_ca_file is None) != (new.tls.client_ca_file is None)
+    ):
+        changed.append("tls (turning TLS or mTLS on or off)")
+    return changed
+
+
+def serve(config: ProxyConfig) -> int:
+    """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    from xks_proxy.server.supervisor import Supervisor
+    from xks_proxy.server.worker import tls_settings
+
+    if config.tls is None:
+        logger.warning("serving plain HTTP: KMS requires HTTPS; use this only for local testing")
+    else:
+        from xks_proxy.server.tls import TlsConfigError, build_server_context
+
+        try:
+            build_server_context(tls_settings(config.tls))
+        except TlsConfigError as exc:
+            raise StartupError(f"TLS: {exc}") from None
     key_manager = open_key_manager(config.hsm)
     info = key_manager.info()
     logger.info(
-        "HSM ready: %s %s (%s); serving %d key store(s) on %s:%d with %d worker(s)",
+        "HSM ready: %s %s (%s); serving %d key store(s) on %s://%s:%d with %d worker(s)",
         info.vendor,
         info.model,
         info.id,
         len(config.key_stores),
+        "https" if config.tls else "http",
         config.server.host,
         config.server.port,
         config.server.workers,
     )
-    options = uvicorn_options(config)
-    if config.server.workers == 1:
-        service = XksService(config, key_manager)
-        uvicorn.run(XksApp(service), **options)  # type: ignore[arg-type]
-        return
-    key_manager.close()
-    if config.source is None:
-        raise StartupError("several workers need the configuration to come from a file")
-    os.environ[CONFIG_ENV] = str(config.source.resolve())
-    uvicorn.run(
-        "xks_proxy.server.runner:app_from_environment",
-        factory=True,
-        workers=config.server.workers,
-        **options,  # type: ignore[arg-type]
-    )
+    if config.server.health_port is None:
+        key_manager.close()  # only the workers talk to the HSM from here on
+    try:
+        return Supervisor(config, key_manager).run()
+    except OSError as exc:
+        raise StartupError(str(exc)) from None
+    finally:
+        key_manager.close()
