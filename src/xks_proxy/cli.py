@@ -64,6 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--timeout", type=float, default=20.0)
     reload.set_defaults(run=_reload)
 
+    for action in ("disable", "enable"):
+        switch = commands.add_parser(
+            action,
+            help=f"{action} the whole proxy, a key store, or one key (kill switch, in force "
+            "on every worker within a second, persisted)",
+        )
+        switch.add_argument("--config", required=True, type=Path)
+        switch.add_argument("--key-store", help="key store name (omit for the whole proxy)")
+        switch.add_argument("--key", help="external key id within --key-store")
+        switch.add_argument("--reason", default="", help="recorded in the kill switch log")
+        switch.set_defaults(run=_switch, disable=action == "disable")
+
+    status = commands.add_parser("status", help="show kill switch state and last reload")
+    status.add_argument("--config", required=True, type=Path)
+    status.set_defaults(run=_status)
+
     credentials = commands.add_parser("credentials", help="SigV4 credential tools")
     credential_commands = credentials.add_subparsers(title="credential commands")
     new = credential_commands.add_parser("new", help="print a fresh access key id and secret")
@@ -192,6 +208,7 @@ def _reload(args: argparse.Namespace) -> int:
 
     from xks_proxy.config import state_dir_of
     from xks_proxy.server import reload as reload_files
+    from xks_proxy.statefiles import read_json
 
     state_dir = state_dir_of(args.config)
     try:
@@ -204,7 +221,7 @@ def _reload(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        status = reload_files.read_json(status_path)
+        status = read_json(status_path)
         if status and isinstance(status.get("generation"), int) and status["generation"] > before:
             if status.get("ok"):
                 print(f"reloaded (generation {status['generation']})")
@@ -218,6 +235,66 @@ def _reload(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     print("xks-proxy: the proxy did not report a reload result in time", file=sys.stderr)
     return EXIT_STARTUP
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from xks_proxy import killswitch
+    from xks_proxy.config import state_dir_of
+
+    if args.key and not args.key_store:
+        print("xks-proxy: --key needs --key-store", file=sys.stderr)
+        return EXIT_CONFIG
+    # The kill switch must work even while the config file is being edited: only
+    # check names when the file validates.
+    try:
+        config = load_config(args.config)
+    except ConfigError:
+        config = None
+    if config is not None and args.key_store:
+        names = [store.name for store in config.key_stores]
+        if args.key_store not in names:
+            print(
+                f"xks-proxy: no key store named {args.key_store!r} (have: {', '.join(names)})",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+    state_dir = config.server.state_dir if config else state_dir_of(args.config)
+    state = killswitch.change(
+        state_dir,
+        disable=args.disable,
+        key_store=args.key_store,
+        key=args.key,
+        reason=args.reason,
+    )
+    target = (
+        f"key {args.key} of key store {args.key_store}"
+        if args.key
+        else f"key store {args.key_store}"
+        if args.key_store
+        else "the whole proxy"
+    )
+    print(
+        f"{'disabled' if args.disable else 'enabled'} {target}; "
+        f"in force on every worker within {killswitch.POLL_SECONDS * 4:g} s"
+    )
+    print(json.dumps(state.to_json(), indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from xks_proxy import killswitch
+    from xks_proxy.config import state_dir_of
+    from xks_proxy.server import reload as reload_files
+    from xks_proxy.statefiles import read_json
+
+    state_dir = state_dir_of(args.config)
+    state = killswitch.KillSwitchState.from_json(read_json(state_dir / killswitch.STATE_FILE))
+    report = {
+        "killSwitch": state.to_json(),
+        "lastReload": read_json(state_dir / reload_files.STATUS_FILE),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def _credentials_new(args: argparse.Namespace) -> int:

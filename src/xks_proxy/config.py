@@ -53,6 +53,8 @@ class KeyStoreConfig:
     external_key_ids: frozenset[str] | None  # None: any key on the HSM
     ciphertext_metadata: bytes | None = None
     region: str | None = None  # AWS region of the KMS key store (mTLS client name default)
+    requests_per_second: float | None = None  # quota (429 beyond it); None: unlimited
+    burst: float | None = None
 
     @property
     def uri_path(self) -> str:
@@ -110,6 +112,20 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RuntimeLimits:
+    """Time budget and load shedding (per worker)."""
+
+    request_timeout_ms: int = 150  # KMS gives up at 250 ms, network included
+    max_in_flight: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    interval_seconds: float = 10.0  # background deep health check period
+    degraded_latency_ms: float = 50.0  # a health round trip slower than this is DEGRADED
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     server: ServerConfig
     tls: TlsConfig | None
@@ -119,6 +135,8 @@ class ProxyConfig:
     fleet_size: int
     vendor: str
     log_level: str
+    runtime: RuntimeLimits = RuntimeLimits()
+    health: HealthConfig = HealthConfig()
     source: Path | None = None
 
 
@@ -293,7 +311,17 @@ def parse_config(
         )
     except ValueError as exc:
         raise ConfigError(f"limits: {exc}") from None
+    runtime = RuntimeLimits(
+        request_timeout_ms=limits_table.int_in("request_timeout_ms", 10, 60_000, 150),
+        max_in_flight=limits_table.int_in("max_in_flight", 1, 100_000, 256),
+    )
     limits_table.check_unknown()
+    health_table = root.sub("health")
+    health = HealthConfig(
+        interval_seconds=_number_in(health_table, "interval_seconds", 1, 30, 10.0),
+        degraded_latency_ms=_number_in(health_table, "degraded_latency_ms", 1, 10_000, 50.0),
+    )
+    health_table.check_unknown()
     logging_table = root.sub("logging")
     log_level = logging_table.get("level", str, "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
@@ -321,8 +349,17 @@ def parse_config(
         fleet_size=fleet_size,
         vendor=vendor,
         log_level=log_level,
+        runtime=runtime,
+        health=health,
         source=source,
     )
+
+
+def _number_in(table: _Reader, key: str, low: float, high: float, default: float) -> float:
+    value = float(table.get(key, (int, float), default))
+    if not low <= value <= high:
+        raise table.fail(key, f"must be between {low:g} and {high:g}")
+    return value
 
 
 def _server(table: _Reader) -> ServerConfig:
@@ -453,6 +490,13 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
                         "of A-Z a-z 0-9 . - _"
                     )
             external_key_ids = frozenset(key_ids)
+        rate = None
+        burst = None
+        if "requests_per_second" in store.table:
+            rate = _number_in(store, "requests_per_second", 0.001, 1e7, 1800.0)
+            burst = _number_in(store, "burst", 1, 1e7, max(1.0, rate))
+        elif "burst" in store.table:
+            raise store.fail("burst", "needs requests_per_second")
         region = store.get("region", str, None)
         if region is not None and REGION_RE.fullmatch(region) is None:
             raise store.fail("region", "must be an AWS region name such as us-east-1")
@@ -464,6 +508,8 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
                 raise store.fail("ciphertext_metadata", "must be 1-20 bytes")
         store.check_unknown()
         result.append(
-            KeyStoreConfig(name, prefix, tuple(credentials), external_key_ids, metadata, region)
+            KeyStoreConfig(
+                name, prefix, tuple(credentials), external_key_ids, metadata, region, rate, burst
+            )
         )
     return tuple(result)

@@ -20,26 +20,29 @@ import orjson
 
 from xks_proxy import PRODUCT_NAME, __version__, sigv4
 from xks_proxy.config import KeyStoreConfig, ProxyConfig
+from xks_proxy.health import HealthMonitor
 from xks_proxy.keymanager.base import EkmInfo, KeyManager
 from xks_proxy.keystores import KeyStoreTable
+from xks_proxy.killswitch import POLL_SECONDS, KillSwitchWatcher
 from xks_proxy.protocol.aad import hsm_aad
 from xks_proxy.protocol.cdiv import ciphertext_data_integrity_value
 from xks_proxy.protocol.errors import (
+    DependencyTimeoutException,
     InternalException,
+    InvalidStateException,
     InvalidUriPathException,
     KeyNotFoundException,
     MethodNotAllowed,
+    ThrottlingException,
     XksError,
 )
 from xks_proxy.protocol.models import (
     DecryptRequest,
     DecryptResponse,
-    EkmFleetMember,
     EncryptRequest,
     EncryptResponse,
     GetHealthStatusResponse,
     GetKeyMetadataResponse,
-    HealthStatus,
     RequestMetadata,
     XksOperation,
     XksRequest,
@@ -47,6 +50,7 @@ from xks_proxy.protocol.models import (
 )
 from xks_proxy.protocol.routing import Route, parse_path, validate_external_key_id
 from xks_proxy.protocol.validate import parse_request
+from xks_proxy.throttle import InFlightLimit, KeyStoreQuotas
 
 logger = logging.getLogger("xks_proxy.service")
 T = TypeVar("T")
@@ -59,6 +63,29 @@ ALLOW_POST_HEADERS: list[tuple[bytes, bytes]] = [*JSON_HEADERS, (b"allow", b"POS
 class _ServiceState:
     config: ProxyConfig
     key_stores: KeyStoreTable
+    quotas: KeyStoreQuotas
+
+    @classmethod
+    def build(cls, config: ProxyConfig) -> _ServiceState:
+        quotas = {
+            store.name: (store.requests_per_second, store.burst or store.requests_per_second)
+            for store in config.key_stores
+            if store.requests_per_second
+        }
+        return cls(
+            config,
+            KeyStoreTable.build(config.key_stores),
+            KeyStoreQuotas(quotas, config.server.workers),
+        )
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request in progress: its time budget and its log fields."""
+
+    deadline: float  # time.monotonic()
+    timeout_ms: int
+    log: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -98,14 +125,30 @@ class XksService:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._state = _ServiceState(config, KeyStoreTable.build(config.key_stores))
+        self._state = _ServiceState.build(config)
         self.key_manager = key_manager
-        # One thread per HSM session: more threads would only queue for a session.
+        # One thread per HSM session: more threads would only queue for a session. A
+        # hung HSM call holds its thread; later calls wait in the queue and give up at
+        # their deadline, and the in-flight cap bounds that queue.
         self.executor = executor or ThreadPoolExecutor(
             max_workers=config.hsm.sessions, thread_name_prefix="xks-hsm"
         )
         self.clock = clock
         self.ekm_info: EkmInfo = key_manager.info()
+        self.in_flight = InFlightLimit(config.runtime.max_in_flight)
+        self.killswitch = KillSwitchWatcher(config.server.state_dir)
+        self.health = HealthMonitor(key_manager, self.ekm_info, config.health, self._run_untimed)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start the background work (health checks, kill switch polling); needs a loop."""
+        self.health.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._poll_killswitch()))
+
+    async def _poll_killswitch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            self.killswitch.refresh()
 
     @property
     def config(self) -> ProxyConfig:
@@ -118,10 +161,15 @@ class XksService:
         Requests already running keep the state they started with; the next request
         sees the new key stores, credentials and limits. HSM settings need a restart.
         """
-        self._state = _ServiceState(config, KeyStoreTable.build(config.key_stores))
+        self._state = _ServiceState.build(config)
+        self.health.config = config.health
+        self.in_flight.limit = config.runtime.max_in_flight
 
     def close(self) -> None:
         """Stop the HSM thread pool and release the key manager."""
+        self.health.stop()
+        for task in self._tasks:
+            task.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.key_manager.close()
 
@@ -135,8 +183,17 @@ class XksService:
     ) -> Outcome:
         """Answer one HTTP request; never raises."""
         log: dict[str, Any] = {}
+        if not self.in_flight.try_enter():
+            # Shed load at once: a fast 429 beats a timeout KMS would wait 250 ms for.
+            return error_outcome(
+                ThrottlingException("the proxy is at its limit of requests in flight"),
+                JSON_HEADERS,
+                log,
+            )
+        timeout_ms = self._state.config.runtime.request_timeout_ms
+        call = _Call(time.monotonic() + timeout_ms / 1000, timeout_ms, log)
         try:
-            response = await self._dispatch(method, raw_path, query_string, headers, body, log)
+            response = await self._dispatch(method, raw_path, query_string, headers, body, call)
         except MethodNotAllowed as error:
             return error_outcome(error, ALLOW_POST_HEADERS, log)
         except XksError as error:
@@ -144,6 +201,8 @@ class XksService:
         except Exception:
             logger.exception("unexpected error while handling a request")
             return error_outcome(InternalException(), JSON_HEADERS, log)
+        finally:
+            self.in_flight.leave()
         log["status"] = 200
         return Outcome(200, orjson.dumps(response.to_json()), JSON_HEADERS, log)
 
@@ -154,8 +213,9 @@ class XksService:
         query_string: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
-        log: dict[str, Any],
+        call: _Call,
     ) -> XksResponse:
+        log = call.log
         state = self._state  # one request sees one configuration, even across a reload
         route = _route(raw_path)
         log["operation"] = route.operation.value
@@ -177,10 +237,17 @@ class XksService:
         log["keyStore"] = key_store.name
         if key_store.uri_prefix != route.uri_prefix:
             raise InvalidUriPathException("no key store at this URI path for these credentials")
+        kill = self.killswitch.state
+        if kill.proxy_disabled:
+            raise InvalidStateException("the proxy is disabled by its operator")
+        if key_store.name in kill.disabled_key_stores:
+            raise InvalidStateException("the key store is disabled by its operator")
+        if not state.quotas.admit(key_store.name, time.monotonic()):
+            raise ThrottlingException("the key store's request quota is exceeded")
         request = parse_request(route.operation, body, state.config.limits)
         _log_metadata(log, request.metadata)
         if route.operation is XksOperation.GET_HEALTH_STATUS:
-            return await self.get_health_status()
+            return await self.get_health_status(call)
         assert route.external_key_id is not None
         external_key_id = route.external_key_id
         validate_external_key_id(external_key_id)
@@ -189,33 +256,43 @@ class XksService:
             and external_key_id not in key_store.external_key_ids
         ):
             raise KeyNotFoundException()
-        return await self._key_operation(key_store, external_key_id, request)
+        disabled = kill.key_disabled(key_store.name, external_key_id)
+        return await self._key_operation(call, key_store, external_key_id, request, disabled)
 
     async def _key_operation(
-        self, key_store: KeyStoreConfig, external_key_id: str, request: XksRequest
+        self,
+        call: _Call,
+        key_store: KeyStoreConfig,
+        external_key_id: str,
+        request: XksRequest,
+        disabled: bool,
     ) -> XksResponse:
+        if not isinstance(request, EncryptRequest | DecryptRequest):
+            return await self.get_key_metadata(call, external_key_id, disabled)
+        if disabled:
+            raise InvalidStateException("the external key is disabled by its operator")
         if isinstance(request, EncryptRequest):
-            return await self.encrypt(key_store, external_key_id, request)
-        if isinstance(request, DecryptRequest):
-            return await self.decrypt(external_key_id, request)
-        return await self.get_key_metadata(external_key_id)
+            return await self.encrypt(call, key_store, external_key_id, request)
+        return await self.decrypt(call, external_key_id, request)
 
     # ------------------------------------------------------------------ the APIs
 
-    async def get_key_metadata(self, external_key_id: str) -> GetKeyMetadataResponse:
-        """GetKeyMetadata (spec: GetKeyMetadata)."""
-        description = await self._hsm(self.key_manager.describe_key, external_key_id)
-        status = "ENABLED" if description.enabled else "DISABLED"
+    async def get_key_metadata(
+        self, call: _Call, external_key_id: str, disabled: bool = False
+    ) -> GetKeyMetadataResponse:
+        """GetKeyMetadata (spec: GetKeyMetadata); a kill-switched key reports DISABLED."""
+        description = await self._hsm(call, self.key_manager.describe_key, external_key_id)
+        status = "ENABLED" if description.enabled and not disabled else "DISABLED"
         return GetKeyMetadataResponse(description.key_spec, description.key_usage, status)
 
     async def encrypt(
-        self, key_store: KeyStoreConfig, external_key_id: str, request: EncryptRequest
+        self, call: _Call, key_store: KeyStoreConfig, external_key_id: str, request: EncryptRequest
     ) -> EncryptResponse:
         """Encrypt (spec: Encrypt), with the CDIV procedure of Appendix C when asked."""
         metadata = key_store.ciphertext_metadata
         aad_for_hsm = hsm_aad(request.aad, metadata)
         output = await self._hsm(
-            self.key_manager.encrypt, external_key_id, request.plaintext, aad_for_hsm
+            call, self.key_manager.encrypt, external_key_id, request.plaintext, aad_for_hsm
         )
         if request.cdiv_algorithm is None:
             return EncryptResponse(output.ciphertext, output.iv, output.tag, metadata, None)
@@ -224,6 +301,7 @@ class XksService:
             request.aad, metadata, output.iv, output.ciphertext, output.tag
         )
         plaintext = await self._hsm(
+            call,
             self.key_manager.decrypt,
             external_key_id,
             output.ciphertext,
@@ -235,9 +313,12 @@ class XksService:
             raise InternalException("the verifying decrypt did not return the plaintext")
         return EncryptResponse(output.ciphertext, output.iv, output.tag, metadata, cdiv)
 
-    async def decrypt(self, external_key_id: str, request: DecryptRequest) -> DecryptResponse:
+    async def decrypt(
+        self, call: _Call, external_key_id: str, request: DecryptRequest
+    ) -> DecryptResponse:
         """Decrypt (spec: Decrypt); the tag also covers AAD and ciphertextMetadata."""
         plaintext = await self._hsm(
+            call,
             self.key_manager.decrypt,
             external_key_id,
             request.ciphertext,
@@ -247,39 +328,63 @@ class XksService:
         )
         return DecryptResponse(plaintext)
 
-    async def get_health_status(self) -> GetHealthStatusResponse:
-        """GetHealthStatus (spec: GetHealthStatus): a real round trip on the health key.
+    async def get_health_status(self, call: _Call) -> GetHealthStatusResponse:
+        """GetHealthStatus (spec: GetHealthStatus), from the background deep check.
 
         If no key manager can do crypto the answer is 500 InternalException, since the
         spec reserves 200 for a proxy that can serve encrypt/decrypt right away.
         """
-        try:
-            await self._hsm(self.key_manager.health_check)
-            status = HealthStatus.ACTIVE
-        except XksError as error:
-            logger.warning("health check failed: %s", error.error_message)
-            status = HealthStatus.UNAVAILABLE
-        if status is HealthStatus.UNAVAILABLE:
+        report = self.health.fresh_report()
+        if report is None:
+            remaining = call.deadline - time.monotonic()
+            try:
+                report = await asyncio.wait_for(self.health.check(), max(remaining, 0.001))
+            except TimeoutError:
+                raise DependencyTimeoutException(
+                    f"the health check did not finish within {call.timeout_ms} ms"
+                ) from None
+        if not report.usable:
             raise InternalException("no external key manager is available")
-        info = self.ekm_info
+        config = self.config
         return GetHealthStatusResponse(
-            xks_proxy_fleet_size=self.config.fleet_size,
-            xks_proxy_vendor=self.config.vendor,
+            xks_proxy_fleet_size=config.fleet_size,
+            xks_proxy_vendor=config.vendor,
             xks_proxy_model=f"{PRODUCT_NAME} {__version__}",
-            ekm_vendor=info.vendor,
-            ekm_fleet_details=(EkmFleetMember(info.id, info.model, status),),
+            ekm_vendor=self.ekm_info.vendor,
+            ekm_fleet_details=report.members,
         )
 
-    async def _hsm(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a blocking key-manager call on the HSM thread pool."""
+    async def _hsm(self, call: _Call, function: Callable[..., T], *args: Any) -> T:
+        """Run a blocking key-manager call on the HSM thread pool, within the deadline."""
+        remaining = call.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DependencyTimeoutException(_timeout_message(call))
         loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, _before, call.deadline, function, *args)
         try:
-            return await loop.run_in_executor(self.executor, function, *args)
+            return await asyncio.wait_for(future, remaining)
+        except TimeoutError:
+            # The HSM thread may still be busy; its late result is dropped, never sent.
+            raise DependencyTimeoutException(_timeout_message(call)) from None
         except XksError:
             raise
         except Exception:
             logger.exception("key manager call failed unexpectedly")
             raise InternalException("the external key manager failed") from None
+
+    async def _run_untimed(self, function: Callable[[], None]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.executor, function)
+
+
+def _before(deadline: float, function: Callable[..., T], *args: Any) -> T:
+    """Run function unless the request's deadline passed while it waited for a thread."""
+    if time.monotonic() >= deadline:
+        raise DependencyTimeoutException("the request waited too long for an HSM session")
+    return function(*args)
+
+
+def _timeout_message(call: _Call) -> str:
+    return f"the external key manager did not answer within {call.timeout_ms} ms"
 
 
 def _route(raw_path: bytes) -> Route:

@@ -134,9 +134,13 @@ def start_proxy(config_path: Path, log_path: Path, port: int, *, wait: bool = Tr
             if process.poll() is not None:
                 raise RuntimeError(f"proxy exited with {process.returncode}:\n{proxy.log_text()}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return proxy
-            except OSError:
+                # Ready means a worker answers HTTP, not just that the port accepts.
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+                connection.request("GET", "/")
+                connection.getresponse().read()
+                connection.close()
+                return proxy
+            except (OSError, http.client.HTTPException):
                 time.sleep(0.05)
         proxy.stop()
         raise RuntimeError(f"proxy did not start in time:\n{proxy.log_text()}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -149,8 +150,8 @@ def test_demo_is_idempotent_and_serves_curl(tmp_path: Path) -> None:
             line for line in second.stdout.splitlines() if line.strip().startswith("curl ")
         )
         encrypted = subprocess.run(
-            curl_line + " -s", shell=True, capture_output=True, text=True, check=True
-        )  # noqa: S602
+            [*shlex.split(curl_line), "-s"], capture_output=True, text=True, check=True
+        )
         body = json.loads(encrypted.stdout)
         assert set(body) >= {"ciphertext", "initializationVector", "authenticationTag"}
     finally:

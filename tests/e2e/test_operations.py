@@ -203,11 +203,11 @@ def test_health_listener(two_worker_proxy: tuple[ProxyProcess, Path, int]) -> No
     """Spec: Load balancer health checks — plain GET on a port of its own."""
     _, _, health_port = two_worker_proxy
     for path, expected in (("/ping", "alive"), ("/ready", "ready")):
-        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}{path}", timeout=5) as reply:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}{path}", timeout=5) as reply:
             assert reply.status == 200
             assert json.loads(reply.read())["status"] == expected
     with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(f"http://127.0.0.1:{health_port}/other", timeout=5)  # noqa: S310
+        urllib.request.urlopen(f"http://127.0.0.1:{health_port}/other", timeout=5)
     assert caught.value.code == 404
 
 
@@ -217,7 +217,8 @@ def test_graceful_shutdown(two_worker_proxy: tuple[ProxyProcess, Path, int]) -> 
     traffic = Traffic(proxy.port, CREDENTIAL)
     thread = threading.Thread(target=traffic.run)
     thread.start()
-    time.sleep(0.5)
+    while traffic.ok < 20:
+        time.sleep(0.01)
     started = time.monotonic()
     code = proxy.stop()
     traffic.stop.set()

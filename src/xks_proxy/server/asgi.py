@@ -59,6 +59,7 @@ class XksApp:
             if message["type"] == "lifespan.startup":
                 try:
                     self.service = self.service_factory()
+                    self.service.start()
                     if self.on_started is not None:
                         self.on_started(self.service)
                 except Exception as exc:
@@ -76,17 +77,17 @@ class XksApp:
         started = time.perf_counter()
         service = self.service
         if service is None:  # lifespan disabled and no service: refuse rather than crash
-            error = InternalException("proxy not started")
-            await _respond(send, error.status, error_body(error), CLOSE_HEADERS)
+            not_started = InternalException("proxy not started")
+            await _respond(send, not_started.status, error_body(not_started), CLOSE_HEADERS)
             return
         max_body_bytes = service.config.server.max_body_bytes
         try:
             body = await _read_body(scope, receive, max_body_bytes)
         except BodyTooLarge:
-            error = UnsupportedOperationException(
+            too_large = UnsupportedOperationException(
                 f"request body larger than {max_body_bytes} bytes is not supported"
             )
-            outcome = error_outcome(error, CLOSE_HEADERS)
+            outcome = error_outcome(too_large, CLOSE_HEADERS)
         else:
             raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
             outcome = await service.handle(

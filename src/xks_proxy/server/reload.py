@@ -11,12 +11,12 @@ atomically (write to a temporary name, then rename).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from xks_proxy.statefiles import read_json, write_json_atomic
 
 PID_FILE = "xks-proxy.pid"
 STATUS_FILE = "reload-status.json"
@@ -29,27 +29,6 @@ class ReloadResult:
     error: str | None = None
     pid: int = field(default_factory=os.getpid)
     workers: dict[str, Any] = field(default_factory=dict)
-
-
-def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Replace path with document in one rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return document if isinstance(document, dict) else None
 
 
 def write_result(path: Path, result: ReloadResult) -> None:
