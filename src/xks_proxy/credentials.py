@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
+from pathlib import Path
 from typing import Any
 
-from xks_proxy.config import Credential, KeyStoreConfig
+from xks_proxy.config import Credential, KeyStoreConfig, ProxyConfig
+from xks_proxy.statefiles import read_json, write_json_atomic
+
+SEEN_FILE = "credentials-seen.json"
 
 
 def new_credential() -> Credential:
@@ -29,3 +34,27 @@ def kms_console_config(key_store: KeyStoreConfig, credential: Credential) -> dic
             "RawSecretAccessKey": credential.secret_access_key,
         },
     }
+
+
+def track_credential_ages(state_dir: Path, config: ProxyConfig) -> dict[tuple[str, str], float]:
+    """When each configured credential was first seen (for XksProxyCredentialAge).
+
+    Kept in ``<state_dir>/credentials-seen.json``; credentials no longer configured
+    are forgotten, so re-adding one starts its age again.
+    """
+    path = state_dir / SEEN_FILE
+    stored = read_json(path) or {}
+    now = time.time()
+    seen: dict[str, float] = {}
+    for store in config.key_stores:
+        for credential in store.credentials:
+            name = f"{store.name}/{credential.access_key_id}"
+            value = stored.get(name)
+            seen[name] = float(value) if isinstance(value, int | float) else now
+    if seen != stored:
+        write_json_atomic(path, dict(seen))
+    ages: dict[tuple[str, str], float] = {}
+    for name, when in seen.items():
+        key_store, _, access_key_id = name.partition("/")
+        ages[(key_store, access_key_id)] = when
+    return ages

@@ -228,3 +228,54 @@ def test_graceful_shutdown(two_worker_proxy: tuple[ProxyProcess, Path, int]) -> 
     assert traffic.ok > 0
     # Failures after the listener closed are connection errors, never a wrong answer.
     assert all("status" not in failure for failure in traffic.failures)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric whose labels include the given ones."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+            found = True
+    assert found, f"{name} {labels} not in metrics"
+    return total
+
+
+def test_metrics_across_workers(two_worker_proxy: tuple[ProxyProcess, Path, int]) -> None:
+    """Prometheus metrics on the admin listener count every request of every worker."""
+    proxy, _, health_port = two_worker_proxy
+    for _ in range(30):
+        assert status_with(proxy.port, CREDENTIAL) == 200
+    for _ in range(7):
+        assert status_with(proxy.port, ("Invalid" + CREDENTIAL[0], CREDENTIAL[1])) == 401
+    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as reply:  # noqa: S310
+        text = reply.read().decode()
+    assert metric_value(text, "xks_proxy_requests_total", operation="Encrypt", status="200") >= 30
+    assert (
+        metric_value(
+            text,
+            "xks_proxy_errors_total",
+            operation="Encrypt",
+            error_name="AuthenticationFailedException",
+        )
+        == 7
+    )
+    assert (
+        metric_value(text, "xks_proxy_latency_seconds_count", operation="Encrypt", status="200")
+        >= 30
+    )
+    assert metric_value(text, "xks_external_key_manager_state", state="ACTIVE") == 1
+    assert metric_value(text, "xks_proxy_credential_age_seconds", access_key_id=CREDENTIAL[0]) >= 0
+    assert (
+        metric_value(text, "xks_proxy_credential_age_seconds", access_key_id=SECOND_CREDENTIAL[0])
+        >= 0
+    )
+    pids = {line.split('pid="')[1].split('"')[0] for line in text.splitlines() if 'pid="' in line}
+    assert len(pids) <= 2  # live gauges only; counters are merged across workers
+    # Never on the API port.
+    response = proxy.request("GET", "/metrics")
+    assert response.status == 404

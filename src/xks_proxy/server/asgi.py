@@ -7,11 +7,13 @@ the request to the service, write the single-line JSON answer, and log the reque
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from xks_proxy.observability.logging import log_request
+from xks_proxy.observability.metrics import MULTIPROC_ENV, RequestMetrics
 from xks_proxy.protocol.errors import InternalException, UnsupportedOperationException
 from xks_proxy.service import JSON_HEADERS, XksService, error_body, error_outcome
 
@@ -46,6 +48,9 @@ class XksApp:
         self.service: XksService | None = None
         self.service_factory = service_factory
         self.on_started = on_started
+        self.metrics: RequestMetrics | None = None
+        if os.environ.get(MULTIPROC_ENV):
+            self.metrics = RequestMetrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -98,7 +103,10 @@ class XksApp:
                 body,
             )
         await _respond(send, outcome.status, outcome.body, outcome.headers)
-        outcome.log["latencyMs"] = round((time.perf_counter() - started) * 1000, 3)
+        elapsed = time.perf_counter() - started
+        outcome.log["latencyMs"] = round(elapsed * 1000, 3)
+        if self.metrics is not None:
+            self.metrics.observe(outcome.log, elapsed)
         client = scope.get("client")
         if client:
             outcome.log["client"] = client[0]

@@ -5,7 +5,8 @@ port of its own (spec: Load balancer health checks):
 
 - ``GET /ping``  200 while the process is up (liveness);
 - ``GET /ready`` 200 when the last deep health check (an AES-GCM round trip on the
-  health-check key) succeeded less than ``READY_MAX_AGE_SECONDS`` ago, else 503.
+  health-check key) succeeded less than ``READY_MAX_AGE_SECONDS`` ago, else 503;
+- ``GET /metrics`` Prometheus metrics of all workers (never served on the API port).
 
 Bind it to an address the load balancer reaches, never to the public internet.
 """
@@ -20,11 +21,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from xks_proxy.config import ProxyConfig
+from xks_proxy.credentials import track_credential_ages
 from xks_proxy.keymanager.base import KeyManager
+from xks_proxy.observability.metrics import SupervisorMetrics, SupervisorSnapshot
 
 logger = logging.getLogger("xks_proxy.health")
 
 CHECK_INTERVAL_SECONDS = 10.0
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READY_MAX_AGE_SECONDS = 60.0
 
 
@@ -34,6 +38,7 @@ class HealthListener:
         self.key_manager = key_manager
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        self.metrics = SupervisorMetrics(self.snapshot)
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -72,6 +77,8 @@ class HealthListener:
             def do_GET(self) -> None:
                 if self.path == "/ping":
                     self._answer(200, {"status": "alive"})
+                elif self.path == "/metrics":
+                    self._answer_bytes(200, listener.render_metrics(), METRICS_TYPE)
                 elif self.path == "/ready":
                     ready = listener.ready()
                     body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
@@ -82,9 +89,11 @@ class HealthListener:
                     self._answer(404, {"status": "unknown path"})
 
             def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
+                self._answer_bytes(status, json.dumps(body).encode(), "application/json")
+
+            def _answer_bytes(self, status: int, data: bytes, content_type: str) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -101,6 +110,31 @@ class HealthListener:
         logger.info(
             "health listener on http://%s:%d (/ping, /ready)", self.config.server.health_host, port
         )
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    def snapshot(self) -> SupervisorSnapshot:
+        """Merged worker metrics come from files; these values are computed now."""
+        config = self.config
+        snapshot = SupervisorSnapshot()
+        fleet_status = getattr(self.key_manager, "fleet_status", None)
+        if callable(fleet_status):
+            snapshot.hsm_states = [(str(b.name), str(b.status)) for b in fleet_status()]
+        else:
+            info = self.key_manager.info()
+            snapshot.hsm_states = [(info.id, "ACTIVE" if self.ready() else "UNAVAILABLE")]
+        snapshot.credential_first_seen = track_credential_ages(config.server.state_dir, config)
+        if config.tls is not None:
+            from xks_proxy.server.tls import certificate_days_to_expiry
+
+            try:
+                snapshot.certificate_days_to_expire = certificate_days_to_expiry(
+                    config.tls.cert_file
+                )
+            except Exception as exc:
+                logger.warning("cannot read the server certificate's expiry: %s", exc)
+        return snapshot
 
     def stop(self) -> None:
         self._stop.set()

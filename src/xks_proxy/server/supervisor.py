@@ -27,7 +27,9 @@ from pathlib import Path
 from types import FrameType
 
 from xks_proxy.config import ProxyConfig, load_config
+from xks_proxy.credentials import track_credential_ages
 from xks_proxy.keymanager.base import KeyManager
+from xks_proxy.observability.metrics import prepare_multiprocess_dir
 from xks_proxy.server import reload as reload_files
 from xks_proxy.server.health_listener import HealthListener
 from xks_proxy.server.worker import run_worker, tls_settings
@@ -81,7 +83,9 @@ class Supervisor:
         self.socket = bind_socket(self.config.server.host, self.config.server.port)
         pid_file = self.state_dir / reload_files.PID_FILE
         pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+        track_credential_ages(self.state_dir, self.config)
         if self.config.server.health_port is not None:
+            prepare_multiprocess_dir(self.state_dir)  # before any worker is spawned
             self.health = HealthListener(self.config, self.key_manager)
             self.health.start()
         previous = {
@@ -146,6 +150,10 @@ class Supervisor:
                 if process.is_alive():
                     continue
                 code = process.exitcode
+                if self.health is not None and process.pid is not None:
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
                 lived = time.monotonic() - self.started_at[index]
                 logger.error("worker %d (pid %s) exited with %s", index, process.pid, code)
                 if code == WORKER_START_FAILURE or lived < QUICK_FAILURE_SECONDS:
@@ -210,6 +218,7 @@ class Supervisor:
         failed = {k: v for k, v in answers.items() if not v.get("ok")}
         # Workers restarted from now on get the new configuration, whatever happened.
         self.config = new_config
+        track_credential_ages(self.state_dir, new_config)
         if self.health is not None:
             self.health.config = new_config
         error = None
