@@ -80,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", required=True, type=Path)
     status.set_defaults(run=_status)
 
+    authz_parser = commands.add_parser("authz", help="secondary authorization tools")
+    authz_commands = authz_parser.add_subparsers(title="authz commands")
+    check = authz_commands.add_parser(
+        "check", help="explain offline what a key store's Cedar policies decide for a request"
+    )
+    check.add_argument("--config", required=True, type=Path)
+    check.add_argument("--request", required=True, type=Path, help="request body JSON file")
+    check.add_argument("--key-store", help="key store name (default: the only one)")
+    check.add_argument("--key", required=True, help="external key id")
+    check.add_argument(
+        "--operation", required=True, choices=("Encrypt", "Decrypt", "GetKeyMetadata")
+    )
+    check.set_defaults(run=_authz_check)
+
     credentials = commands.add_parser("credentials", help="SigV4 credential tools")
     credential_commands = credentials.add_subparsers(title="credential commands")
     new = credential_commands.add_parser("new", help="print a fresh access key id and secret")
@@ -295,6 +309,38 @@ def _status(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _authz_check(args: argparse.Namespace) -> int:
+    from xks_proxy import authz
+    from xks_proxy.protocol.models import XksOperation
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    stores = {store.name: store for store in config.key_stores}
+    name = args.key_store or (next(iter(stores)) if len(stores) == 1 else None)
+    store = stores.get(name) if name else None
+    if store is None:
+        print(
+            f"xks-proxy: name a key store with --key-store (have: {', '.join(stores)})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if not store.policy_sources:
+        print(f"allow: key store {store.name!r} has no policy files (no secondary authorization)")
+        return 0
+    try:
+        request = json.loads(args.request.read_text(encoding="utf-8"))
+        metadata = authz.metadata_from_json(request)
+        decision = authz.Authorizer.from_sources(store.policy_sources, cache_size=0).authorize(
+            XksOperation(args.operation), store.name, args.key, metadata
+        )
+    except (OSError, ValueError) as exc:
+        print(f"xks-proxy: cannot check that request: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(authz.explain(decision))
+    return 0 if decision.allowed else 1
 
 
 def _credentials_new(args: argparse.Namespace) -> int:

@@ -55,6 +55,9 @@ class KeyStoreConfig:
     region: str | None = None  # AWS region of the KMS key store (mTLS client name default)
     requests_per_second: float | None = None  # quota (429 beyond it); None: unlimited
     burst: float | None = None
+    # Cedar policy files as (path, text), read and validated at load so the supervisor
+    # and every worker decide with exactly the same text. Empty: no secondary authz.
+    policy_sources: tuple[tuple[str, str], ...] = ()
 
     @property
     def uri_path(self) -> str:
@@ -355,6 +358,32 @@ def parse_config(
     )
 
 
+def _policy_sources(store: _Reader) -> tuple[tuple[str, str], ...]:
+    """Read and validate a key store's Cedar policy files (spec: Authorization)."""
+    paths = store.get("policy_files", list, [])
+    if not paths:
+        return ()
+    sources = []
+    for index, raw in enumerate(paths):
+        if not isinstance(raw, str):
+            raise ConfigError(f"{store.where('policy_files')}[{index}]: must be a path")
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else store.base_dir / path
+        try:
+            sources.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{store.where('policy_files')}[{index}]: cannot read {path}: {exc}"
+            ) from None
+    from xks_proxy.authz import Authorizer, PolicyError
+
+    try:
+        Authorizer.from_sources(sources, cache_size=0)
+    except PolicyError as exc:
+        raise store.fail("policy_files", f"invalid policy: {exc}") from None
+    return tuple(sources)
+
+
 def _number_in(table: _Reader, key: str, low: float, high: float, default: float) -> float:
     value = float(table.get(key, (int, float), default))
     if not low <= value <= high:
@@ -497,6 +526,7 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
             burst = _number_in(store, "burst", 1, 1e7, max(1.0, rate))
         elif "burst" in store.table:
             raise store.fail("burst", "needs requests_per_second")
+        policy_sources = _policy_sources(store)
         region = store.get("region", str, None)
         if region is not None and REGION_RE.fullmatch(region) is None:
             raise store.fail("region", "must be an AWS region name such as us-east-1")
@@ -509,7 +539,15 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
         store.check_unknown()
         result.append(
             KeyStoreConfig(
-                name, prefix, tuple(credentials), external_key_ids, metadata, region, rate, burst
+                name,
+                prefix,
+                tuple(credentials),
+                external_key_ids,
+                metadata,
+                region,
+                rate,
+                burst,
+                policy_sources,
             )
         )
     return tuple(result)

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import orjson
 
-from xks_proxy import PRODUCT_NAME, __version__, sigv4
+from xks_proxy import PRODUCT_NAME, __version__, authz, sigv4
+from xks_proxy.authz import Authorizer
 from xks_proxy.config import KeyStoreConfig, ProxyConfig
 from xks_proxy.health import HealthMonitor
 from xks_proxy.keymanager.base import EkmInfo, KeyManager
@@ -27,6 +28,7 @@ from xks_proxy.killswitch import POLL_SECONDS, KillSwitchWatcher
 from xks_proxy.protocol.aad import hsm_aad
 from xks_proxy.protocol.cdiv import ciphertext_data_integrity_value
 from xks_proxy.protocol.errors import (
+    AccessDeniedException,
     DependencyTimeoutException,
     InternalException,
     InvalidStateException,
@@ -64,6 +66,7 @@ class _ServiceState:
     config: ProxyConfig
     key_stores: KeyStoreTable
     quotas: KeyStoreQuotas
+    authorizers: dict[str, Authorizer]  # key stores with Cedar policies
 
     @classmethod
     def build(cls, config: ProxyConfig) -> _ServiceState:
@@ -76,6 +79,11 @@ class _ServiceState:
             config,
             KeyStoreTable.build(config.key_stores),
             KeyStoreQuotas(quotas, config.server.workers),
+            {
+                store.name: Authorizer.from_sources(store.policy_sources)
+                for store in config.key_stores
+                if store.policy_sources
+            },
         )
 
 
@@ -256,6 +264,15 @@ class XksService:
             and external_key_id not in key_store.external_key_ids
         ):
             raise KeyNotFoundException()
+        authorizer = state.authorizers.get(key_store.name)
+        if authorizer is not None:
+            # Secondary authorization (spec: Authorization); never for GetHealthStatus.
+            decision = authorizer.authorize(
+                route.operation, key_store.name, external_key_id, request.metadata
+            )
+            log.update(authz.log_fields(decision))
+            if not decision.allowed:
+                raise AccessDeniedException()
         disabled = kill.key_disabled(key_store.name, external_key_id)
         return await self._key_operation(call, key_store, external_key_id, request, disabled)
 
