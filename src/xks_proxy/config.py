@@ -468,7 +468,9 @@ def _hsm(table: _Reader) -> HsmConfig:
         slot=slot,
         pin=table.secret("pin"),
         health_check_key_label=table.get("health_check_key", str, "xks-health-check"),
-        sessions=table.int_in("sessions", 1, 256, 4),
+        # python-pkcs11 serialises every call per module (docs/decisions), so one
+        # session per worker is fastest; more only help a module that is thread-safe.
+        sessions=table.int_in("sessions", 1, 256, 1),
         environment=environment,
     )
     table.check_unknown()

@@ -12,7 +12,6 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from xks_proxy import PRODUCT_NAME, __version__, authz, sigv4
 from xks_proxy.authz import Authorizer
 from xks_proxy.config import KeyStoreConfig, ProxyConfig
 from xks_proxy.health import HealthMonitor
+from xks_proxy.hsmcalls import HsmCalls
 from xks_proxy.keymanager.base import EkmInfo, KeyManager
 from xks_proxy.keystores import KeyStoreTable
 from xks_proxy.killswitch import POLL_SECONDS, KillSwitchWatcher
@@ -59,6 +59,7 @@ T = TypeVar("T")
 
 JSON_HEADERS: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
 ALLOW_POST_HEADERS: list[tuple[bytes, bytes]] = [*JSON_HEADERS, (b"allow", b"POST")]
+BACKGROUND_CALL_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,6 @@ class XksService:
         self,
         config: ProxyConfig,
         key_manager: KeyManager,
-        executor: Executor | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -138,9 +138,7 @@ class XksService:
         # One thread per HSM session: more threads would only queue for a session. A
         # hung HSM call holds its thread; later calls wait in the queue and give up at
         # their deadline, and the in-flight cap bounds that queue.
-        self.executor = executor or ThreadPoolExecutor(
-            max_workers=config.hsm.sessions, thread_name_prefix="xks-hsm"
-        )
+        self.hsm_calls = HsmCalls(config.hsm.sessions)
         self.clock = clock
         self.ekm_info: EkmInfo = key_manager.info()
         self.in_flight = InFlightLimit(config.runtime.max_in_flight)
@@ -178,7 +176,7 @@ class XksService:
         self.health.stop()
         for task in self._tasks:
             task.cancel()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.hsm_calls.shutdown()
         self.key_manager.close()
 
     async def handle(
@@ -372,17 +370,9 @@ class XksService:
         )
 
     async def _hsm(self, call: _Call, function: Callable[..., T], *args: Any) -> T:
-        """Run a blocking key-manager call on the HSM thread pool, within the deadline."""
-        remaining = call.deadline - time.monotonic()
-        if remaining <= 0:
-            raise DependencyTimeoutException(_timeout_message(call))
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, _before, call.deadline, function, *args)
+        """Run a blocking key-manager call on an HSM thread, within the request's deadline."""
         try:
-            return await asyncio.wait_for(future, remaining)
-        except TimeoutError:
-            # The HSM thread may still be busy; its late result is dropped, never sent.
-            raise DependencyTimeoutException(_timeout_message(call)) from None
+            return await self.hsm_calls.call(call.deadline, _timeout_message(call), function, *args)
         except XksError:
             raise
         except Exception:
@@ -390,14 +380,9 @@ class XksService:
             raise InternalException("the external key manager failed") from None
 
     async def _run_untimed(self, function: Callable[[], None]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.executor, function)
-
-
-def _before(deadline: float, function: Callable[..., T], *args: Any) -> T:
-    """Run function unless the request's deadline passed while it waited for a thread."""
-    if time.monotonic() >= deadline:
-        raise DependencyTimeoutException("the request waited too long for an HSM session")
-    return function(*args)
+        """Background work (the health round trip), bounded generously."""
+        deadline = time.monotonic() + BACKGROUND_CALL_SECONDS
+        await self.hsm_calls.call(deadline, "the health check did not finish", function)
 
 
 def _timeout_message(call: _Call) -> str:

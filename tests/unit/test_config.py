@@ -40,7 +40,7 @@ def test_minimal_config_and_defaults() -> None:
     assert store.uri_prefix == "/example/uri/path/prefix"
     assert store.uri_path == "/example/uri/path/prefix/kms/xks/v1"
     assert store.external_key_ids is None
-    assert config.hsm.sessions == 4
+    assert config.hsm.sessions == 1
     assert config.limits.max_aad_bytes == 65535
 
 
