@@ -919,3 +919,65 @@ def _read_attribute(key: Any, attribute: Attribute) -> Any:
         return key[attribute]
     except (p11_errors.AttributeSensitive, p11_errors.AttributeTypeInvalid):
         return None
+
+
+# ------------------------------------------------------------------- operator tooling
+
+
+@dataclass(frozen=True, eq=False)
+class AdminSession:
+    """A logged-in read-write session for operator tooling (``xks-proxy keys``).
+
+    It shares the module registry and the login with any :class:`Pkcs11KeyManager` in
+    the process. Hold :meth:`locked` around every call into the module, as the adapter
+    does; it is not re-entrant, so make no key-manager call while holding it.
+    """
+
+    session: pkcs11.Session
+    token_label: str
+    _module: _Module = field(repr=False)
+    _timeout: float = field(repr=False)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """The module lock (DependencyTimeoutException if it stays busy)."""
+        return self._module.locked(self._timeout)
+
+
+@contextlib.contextmanager
+def open_admin_session(settings: Pkcs11Settings) -> Iterator[AdminSession]:
+    """Load the module, find the token, log in and open a read-write session.
+
+    Unlike :meth:`Pkcs11KeyManager.open` it needs no health-check key (the tooling
+    creates it). Raises :class:`KeyManagerStartupError` naming the problem. Never use it
+    in a process that forks afterwards.
+    """
+    if settings.token_label is None and settings.slot is None:
+        raise KeyManagerStartupError("set token_label or slot to choose the token")
+    module = _acquire_module(settings)
+    try:
+        with module.locked(settings.acquire_timeout):
+            token = _find_token(module, settings)
+            _log_in(module, token, settings.pin)
+        try:
+            with module.locked(settings.acquire_timeout):
+                try:
+                    session = token.open(rw=True)  # covered by the login; closing never logs out
+                except p11_errors.PKCS11Error as exc:
+                    raise KeyManagerStartupError(
+                        f"cannot open a read-write session on token {token.label!r}: "
+                        f"{ckr_name(return_value_of(exc))}"
+                    ) from None
+            try:
+                yield AdminSession(session, token.label, module, settings.acquire_timeout)
+            finally:
+                with module.lock:
+                    try:
+                        session.close()
+                    except p11_errors.PKCS11Error as exc:
+                        log.debug(
+                            "closing the admin session failed: %s", ckr_name(return_value_of(exc))
+                        )
+        finally:
+            _log_out(module, token.slot.slot_id)
+    finally:
+        _release_module(module)
