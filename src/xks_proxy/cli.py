@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xks_proxy import __version__
-from xks_proxy.config import ConfigError, ProxyConfig, load_config
+from xks_proxy.config import ConfigError, HsmConfig, ProxyConfig, load_config
 from xks_proxy.credentials import kms_console_config, new_credential
 from xks_proxy.observability.logging import configure_logging
 
@@ -79,6 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show kill switch state and last reload")
     status.add_argument("--config", required=True, type=Path)
     status.set_defaults(run=_status)
+
+    keys = commands.add_parser("keys", help="create, list and show keys on the configured HSM(s)")
+    key_commands = keys.add_subparsers(title="key commands")
+    create = key_commands.add_parser(
+        "create", help="create an AES-256 key: sensitive, non-extractable, chosen usages"
+    )
+    create.add_argument("--config", required=True, type=Path)
+    create.add_argument("--label", required=True, help="the external key id (CKA_LABEL)")
+    create.add_argument(
+        "--usage",
+        choices=("encrypt-decrypt", "encrypt", "decrypt", "none"),
+        default="encrypt-decrypt",
+    )
+    create.add_argument(
+        "--health-check",
+        action="store_true",
+        help="create the health-check key named in the config instead",
+    )
+    create.add_argument("--hsm", help="which [[hsm]] by name (required with several)")
+    create.set_defaults(run=_keys_create)
+    for name, helptext in (
+        ("list", "list the secret keys and whether XKS can use them"),
+        ("show", "show one key"),
+    ):
+        command = key_commands.add_parser(name, help=helptext)
+        command.add_argument("--config", required=True, type=Path)
+        command.add_argument("--hsm", help="only this [[hsm]] (default: all)")
+        if name == "show":
+            command.add_argument("--label", required=True)
+        command.set_defaults(run=_keys_list if name == "list" else _keys_show)
 
     authz_parser = commands.add_parser("authz", help="secondary authorization tools")
     authz_commands = authz_parser.add_subparsers(title="authz commands")
@@ -309,6 +339,91 @@ def _status(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _selected_hsms(config: ProxyConfig, name: str | None) -> list[HsmConfig] | None:
+    if name is None:
+        return list(config.hsms)
+    chosen = [hsm for hsm in config.hsms if hsm.name == name]
+    if not chosen:
+        names = ", ".join(hsm.name for hsm in config.hsms)
+        print(f"xks-proxy: no HSM named {name!r} (have: {names})", file=sys.stderr)
+        return None
+    return chosen
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from xks_proxy.keymanager import tooling
+    from xks_proxy.keymanager.pkcs11 import KeyManagerStartupError
+    from xks_proxy.server.runner import pkcs11_settings
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.hsm is None and len(config.hsms) > 1:
+        print(
+            "xks-proxy: name the HSM with --hsm: keys are created on one HSM and "
+            "replicated by the HSM cluster (separately created keys would differ)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    hsms = _selected_hsms(config, args.hsm)
+    if hsms is None:
+        return EXIT_CONFIG
+    settings = pkcs11_settings(hsms[0])
+    try:
+        if args.health_check:
+            row = tooling.create_health_check_key(settings, hsms[0].health_check_key_label)
+        else:
+            row = tooling.create_key(
+                settings,
+                args.label,
+                encrypt=args.usage in ("encrypt-decrypt", "encrypt"),
+                decrypt=args.usage in ("encrypt-decrypt", "decrypt"),
+            )
+    except (tooling.KeyToolingError, KeyManagerStartupError) as exc:
+        print(f"xks-proxy: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    print(tooling.format_key_table([row]))
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, label: str | None = None) -> int:
+    from xks_proxy.keymanager import tooling
+    from xks_proxy.keymanager.pkcs11 import KeyManagerStartupError
+    from xks_proxy.protocol.errors import KeyNotFoundException
+    from xks_proxy.server.runner import pkcs11_settings
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    hsms = _selected_hsms(config, args.hsm)
+    if hsms is None:
+        return EXIT_CONFIG
+    status = 0
+    for hsm in hsms:
+        settings = pkcs11_settings(hsm)
+        try:
+            if label is None:
+                rows = tooling.list_keys(settings)
+            else:
+                rows = [tooling.show_key(settings, label)]
+        except KeyNotFoundException:
+            print(f"{hsm.name}: no key labelled {label!r}", file=sys.stderr)
+            status = EXIT_STARTUP
+            continue
+        except (tooling.KeyToolingError, KeyManagerStartupError) as exc:
+            print(f"xks-proxy: {hsm.name}: {exc}", file=sys.stderr)
+            status = EXIT_STARTUP
+            continue
+        if len(hsms) > 1:
+            print(f"== {hsm.name}")
+        print(tooling.format_key_table(rows))
+    return status
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    return _keys_list(args, label=args.label)
 
 
 def _authz_check(args: argparse.Namespace) -> int:

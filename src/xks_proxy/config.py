@@ -67,6 +67,7 @@ class KeyStoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class HsmConfig:
+    name: str
     module: str
     token_label: str | None
     slot: int | None
@@ -77,7 +78,8 @@ class HsmConfig:
 
     def __repr__(self) -> str:
         return (
-            f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, "
+            f"HsmConfig(name={self.name!r}, module={self.module!r}, "
+            f"token_label={self.token_label!r}, "
             f"slot={self.slot!r}, pin=<redacted>, sessions={self.sessions})"
         )
 
@@ -132,7 +134,7 @@ class HealthConfig:
 class ProxyConfig:
     server: ServerConfig
     tls: TlsConfig | None
-    hsm: HsmConfig
+    hsms: tuple[HsmConfig, ...]  # 1-10 HSMs holding the same keys (failover)
     key_stores: tuple[KeyStoreConfig, ...]
     limits: RequestLimits
     fleet_size: int
@@ -141,6 +143,11 @@ class ProxyConfig:
     runtime: RuntimeLimits = RuntimeLimits()
     health: HealthConfig = HealthConfig()
     source: Path | None = None
+
+    @property
+    def hsm(self) -> HsmConfig:
+        """The first (with one HSM, the only) HSM."""
+        return self.hsms[0]
 
 
 # --------------------------------------------------------------------------- reading
@@ -301,7 +308,7 @@ def parse_config(
     root = _Reader(document, "", base_dir)
     server = _server(root.sub("server"))
     tls_table = root.sub("tls")
-    hsm = _hsm(root.sub("hsm", required=True))
+    hsms = _hsms(root)
     proxy = root.sub("proxy")
     fleet_size = proxy.int_in("fleet_size", 1, 10_000, 1)
     vendor = proxy.get("vendor", str, "xks-proxy project")
@@ -346,7 +353,7 @@ def parse_config(
     return ProxyConfig(
         server=server,
         tls=tls,
-        hsm=hsm,
+        hsms=hsms,
         key_stores=key_stores,
         limits=limits,
         fleet_size=fleet_size,
@@ -452,7 +459,27 @@ def _tls(table: _Reader, key_stores: tuple[KeyStoreConfig, ...]) -> TlsConfig:
     return config
 
 
-def _hsm(table: _Reader) -> HsmConfig:
+MAX_HSMS = 10  # spec: ekmFleetDetails has 1 to 10 entries
+
+
+def _hsms(root: _Reader) -> tuple[HsmConfig, ...]:
+    """``[hsm]`` (one HSM) or ``[[hsm]]`` (1-10 HSMs holding the same keys)."""
+    value = root.table.get("hsm")
+    if isinstance(value, list):
+        tables = root.items("hsm")
+        if not 1 <= len(tables) <= MAX_HSMS:
+            raise root.fail("hsm", f"give 1 to {MAX_HSMS} [[hsm]] tables")
+    else:
+        tables = [root.sub("hsm", required=True)]
+    hsms = tuple(_hsm(table, index) for index, table in enumerate(tables))
+    names = [h.name for h in hsms]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(f"hsm[{index}].name: {name!r} is used twice")
+    return hsms
+
+
+def _hsm(table: _Reader, index: int = 0) -> HsmConfig:
     module = str(table.path_value("module"))
     token_label = table.get("token_label", str, None)
     slot = table.get("slot", int, None)
@@ -463,6 +490,7 @@ def _hsm(table: _Reader) -> HsmConfig:
     for name in environment_table.table:
         environment[name] = str(environment_table.get(name, str))
     config = HsmConfig(
+        name=table.get("name", str, f"hsm-{index + 1}"),
         module=module,
         token_label=token_label,
         slot=slot,

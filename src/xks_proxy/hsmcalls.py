@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from xks_proxy.keymanager.failover import deadline as failover_deadline
+from xks_proxy.keymanager.failover import served_by
 from xks_proxy.protocol.errors import DependencyTimeoutException
 
 T = TypeVar("T")
@@ -79,28 +81,41 @@ class HsmCalls:
                 _answer(loop, _expire, future, message)
                 continue
             try:
-                result = function(*args)
+                # The failover layer reads the deadline to decide whether a retry on
+                # another HSM still fits in the request's time budget.
+                with failover_deadline(deadline):
+                    result = function(*args)
             except BaseException as exc:  # delivered to the awaiting request
+                served_by()
                 _answer(loop, _settle, future, None, exc)
             else:
-                _answer(loop, _settle, future, result, None)
+                _answer(loop, _settle, future, (result, served_by()), None)
 
     async def call(
-        self, deadline: float, timeout_message: str, function: Callable[..., T], *args: Any
+        self,
+        deadline: float,
+        timeout_message: str,
+        function: Callable[..., T],
+        *args: Any,
+        log: dict[str, Any] | None = None,
     ) -> T:
         """Run function(*args) on an HSM thread; raise HsmCallTimeout at the deadline
-        (a time.monotonic() value)."""
+        (a time.monotonic() value). With several HSMs, ``log["hsm"]`` names the one
+        that answered."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
+        future: asyncio.Future[tuple[T, str | None]] = loop.create_future()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise HsmCallTimeout(timeout_message)
         timer = loop.call_later(remaining, _expire, future, timeout_message)
         self._queue.put((future, loop, deadline, function, args))
         try:
-            return await future
+            result, served = await future
         finally:
             timer.cancel()
+        if log is not None and served is not None:
+            log["hsm"] = served
+        return result
 
     def shutdown(self, timeout: float = 5.0) -> None:
         for _ in self._threads:

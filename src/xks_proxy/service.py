@@ -138,7 +138,7 @@ class XksService:
         # One thread per HSM session: more threads would only queue for a session. A
         # hung HSM call holds its thread; later calls wait in the queue and give up at
         # their deadline, and the in-flight cap bounds that queue.
-        self.hsm_calls = HsmCalls(config.hsm.sessions)
+        self.hsm_calls = HsmCalls(sum(hsm.sessions for hsm in config.hsms))
         self.clock = clock
         self.ekm_info: EkmInfo = key_manager.info()
         self.in_flight = InFlightLimit(config.runtime.max_in_flight)
@@ -372,12 +372,16 @@ class XksService:
     async def _hsm(self, call: _Call, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking key-manager call on an HSM thread, within the request's deadline."""
         try:
-            return await self.hsm_calls.call(call.deadline, _timeout_message(call), function, *args)
+            result = await self.hsm_calls.call(
+                call.deadline, _timeout_message(call), function, *args, log=call.log
+            )
         except XksError:
             raise
         except Exception:
             logger.exception("key manager call failed unexpectedly")
             raise InternalException("the external key manager failed") from None
+        call.log.setdefault("hsm", self.ekm_info.id)  # with one HSM, it is the one
+        return result
 
     async def _run_untimed(self, function: Callable[[], None]) -> None:
         """Background work (the health round trip), bounded generously."""

@@ -252,7 +252,7 @@ def test_metrics_across_workers(two_worker_proxy: tuple[ProxyProcess, Path, int]
         assert status_with(proxy.port, CREDENTIAL) == 200
     for _ in range(7):
         assert status_with(proxy.port, ("Invalid" + CREDENTIAL[0], CREDENTIAL[1])) == 401
-    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as reply:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     assert metric_value(text, "xks_proxy_requests_total", operation="Encrypt", status="200") >= 30
     assert (

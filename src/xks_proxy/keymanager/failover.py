@@ -106,6 +106,16 @@ def deadline(at: float | None) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
+_SERVED = threading.local()
+
+
+def served_by() -> str | None:
+    """Name of the backend that answered this thread's last call (and forget it)."""
+    name: str | None = getattr(_SERVED, "name", None)
+    _SERVED.name = None
+    return name
+
+
 def current_deadline() -> float | None:
     """The deadline set by the innermost :func:`deadline` block of this context, or None."""
     return _DEADLINE.get()
@@ -378,6 +388,7 @@ class FailoverKeyManager:
             self._record_failure(backend, error.error_message, confirmed=False)
             raise _BackendFailed(error) from None
         self._record_answer(backend, started)
+        _SERVED.name = backend.name  # for the request log and the audit record
         return result
 
     # ------------------------------------------------------------------ health rounds

@@ -12,7 +12,8 @@ from typing import Any
 
 from xks_proxy.config import HsmConfig, ProxyConfig
 from xks_proxy.keymanager.base import KeyManager
-from xks_proxy.keymanager.pkcs11 import Pkcs11KeyManager, Pkcs11Settings
+from xks_proxy.keymanager.failover import FailoverKeyManager
+from xks_proxy.keymanager.pkcs11 import KeyManagerStartupError, Pkcs11KeyManager, Pkcs11Settings
 from xks_proxy.service import XksService
 
 logger = logging.getLogger("xks_proxy.server")
@@ -22,9 +23,8 @@ class StartupError(Exception):
     """The proxy cannot start; the message says why."""
 
 
-def open_key_manager(hsm: HsmConfig) -> KeyManager:
-    """Open the configured PKCS#11 token and prove it can do a GCM round trip."""
-    settings = Pkcs11Settings(
+def pkcs11_settings(hsm: HsmConfig) -> Pkcs11Settings:
+    return Pkcs11Settings(
         module_path=hsm.module,
         token_label=hsm.token_label,
         slot=hsm.slot,
@@ -33,17 +33,39 @@ def open_key_manager(hsm: HsmConfig) -> KeyManager:
         sessions=hsm.sessions,
         environment=dict(hsm.environment),
     )
-    key_manager = Pkcs11KeyManager.open(settings)
+
+
+def open_key_manager(config: ProxyConfig) -> KeyManager:
+    """Open the configured HSM(s) and prove a GCM round trip works.
+
+    With several HSMs every one is opened and checked at start-up (a wrong PIN on any
+    of them stops the start), then a FailoverKeyManager spreads calls across them.
+    """
+    opened: list[tuple[str, KeyManager]] = []
     try:
-        key_manager.health_check()
-    except Exception as exc:
-        key_manager.close()
-        raise StartupError(f"HSM health check failed: {exc}") from None
-    return key_manager
+        for hsm in config.hsms:
+            try:
+                key_manager = Pkcs11KeyManager.open(pkcs11_settings(hsm))
+            except KeyManagerStartupError as exc:
+                raise StartupError(f"HSM {hsm.name!r}: {exc}") from None
+            opened.append((hsm.name, key_manager))
+            try:
+                key_manager.health_check()
+            except Exception as exc:
+                raise StartupError(f"HSM {hsm.name!r}: health check failed: {exc}") from None
+    except BaseException:
+        for _, opened_manager in opened:
+            opened_manager.close()
+        raise
+    if len(opened) == 1:
+        return opened[0][1]
+    failover = FailoverKeyManager(opened, degraded_latency_ms=config.health.degraded_latency_ms)
+    failover.start_probing(config.health.interval_seconds)
+    return failover
 
 
 def build_service(config: ProxyConfig) -> XksService:
-    return XksService(config, open_key_manager(config.hsm))
+    return XksService(config, open_key_manager(config))
 
 
 def uvicorn_options(config: ProxyConfig) -> dict[str, Any]:
@@ -66,7 +88,7 @@ def restart_needed_for(old: ProxyConfig, new: ProxyConfig) -> list[str]:
     for name in ("host", "port", "workers", "state_dir", "health_host", "health_port"):
         if getattr(old.server, name) != getattr(new.server, name):
             changed.append(f"server.{name}")
-    if old.hsm != new.hsm:
+    if old.hsms != new.hsms:
         changed.append("hsm")
     if (old.tls is None) != (new.tls is None) or (
         old.tls is not None
@@ -91,7 +113,7 @@ def serve(config: ProxyConfig) -> int:
             build_server_context(tls_settings(config.tls))
         except TlsConfigError as exc:
             raise StartupError(f"TLS: {exc}") from None
-    key_manager = open_key_manager(config.hsm)
+    key_manager = open_key_manager(config)
     info = key_manager.info()
     logger.info(
         "HSM ready: %s %s (%s); serving %d key store(s) on %s://%s:%d with %d worker(s)",
