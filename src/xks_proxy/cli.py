@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--access-key-id", help="SigV4 access key id (default: generated)")
     demo.add_argument("--secret-access-key", help="SigV4 secret access key (default: generated)")
     demo.add_argument(
+        "--tls", action="store_true", help="serve HTTPS with a certificate from a local demo CA"
+    )
+    demo.add_argument(
+        "--mtls",
+        action="store_true",
+        help="also require a client certificate (the demo writes one for "
+        "cks.kms.us-east-1.amazonaws.com)",
+    )
+    demo.add_argument(
         "--prepare-only", action="store_true", help="provision and write the config, do not serve"
     )
     demo.set_defaults(run=_demo)
@@ -190,6 +199,8 @@ def _demo(args: argparse.Namespace) -> int:
             access_key_id=args.access_key_id,
             secret_access_key=args.secret_access_key,
             workers=args.workers,
+            tls=args.tls,
+            mtls=args.mtls,
         )
     except Exception as exc:  # provisioning talks to softhsm2-util and the HSM
         print(f"xks-proxy: demo set-up failed: {exc}", file=sys.stderr)
@@ -207,7 +218,28 @@ def _print_demo_banner(config: ProxyConfig, config_path: Path) -> None:
     store = config.key_stores[0]
     credential = store.credentials[0]
     host = config.server.host
-    endpoint = f"http://{host}:{config.server.port}"
+    scheme = "https" if config.tls else "http"
+    endpoint = f"{scheme}://{host}:{config.server.port}"
+    curl_tls = ""
+    trust = ""
+    if config.tls is not None:
+        ca = config.tls.cert_file.parent / "ca.pem"
+        curl_tls = f"--cacert {shlex.quote(str(ca))} "
+        trust = (
+            f"\n  TLS: certificate from the demo CA {ca}; trust it with curl --cacert, or "
+            f"add it to your trust store (e.g. /usr/local/share/ca-certificates + "
+            f"update-ca-certificates)"
+        )
+        if config.tls.client_ca_file is not None:
+            client = config.tls.cert_file.parent
+            curl_tls += (
+                f"--cert {shlex.quote(str(client / 'client.pem'))} "
+                f"--key {shlex.quote(str(client / 'client-key.pem'))} "
+            )
+            trust += (
+                f"\n  mTLS: client certificate {client / 'client.pem'} "
+                f"(CN={', '.join(config.tls.client_names)}) is required"
+            )
     url = f"{endpoint}{store.uri_path}/keys/foo/encrypt"
     body = json.dumps(
         {
@@ -223,7 +255,7 @@ def _print_demo_banner(config: ProxyConfig, config_path: Path) -> None:
         separators=(",", ":"),
     )
     curl = (
-        f'curl --aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" '
+        f'curl {curl_tls}--aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" '
         f"--user {shlex.quote(credential.access_key_id + ':' + credential.secret_access_key)} "
         f'-H "Content-Type:application/json" --data {shlex.quote(body)} {url}'
     )
@@ -236,7 +268,7 @@ xks-proxy demo
   URI path:          {store.uri_path}
   access key id:     {credential.access_key_id}
   secret access key: {credential.secret_access_key}
-  external keys:     {keys}
+  external keys:     {keys}{trust}
 
 Try it:
   {curl}

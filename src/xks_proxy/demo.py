@@ -26,6 +26,7 @@ from xks_proxy.keymanager.softhsm import (
 
 DEMO_TOKEN_LABEL = "xks-proxy-demo"  # noqa: S105 - a token label, not a secret
 DEFAULT_URI_PREFIX = "demo"
+DEMO_CLIENT_CN = "cks.kms.us-east-1.amazonaws.com"  # what KMS presents in us-east-1
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,8 @@ def prepare_demo(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     workers: int = 1,
+    tls: bool = False,
+    mtls: bool = False,
 ) -> DemoSetup:
     """Provision (idempotently) the token, keys, credentials and config under directory."""
     directory = directory.expanduser().resolve()
@@ -96,6 +99,25 @@ def prepare_demo(
     )
     credential, secret_path = _load_or_make_credential(directory, access_key_id, secret_access_key)
     config_path = directory / "config.toml"
+    server_section = "allow_plain_http = true   # demo on loopback only: KMS itself requires HTTPS"
+    tls_section = ""
+    if tls or mtls:
+        from xks_proxy.server.tls import make_demo_pki
+
+        names = dict.fromkeys(["localhost", "127.0.0.1", host])
+        names.pop("0.0.0.0", None)  # noqa: S104 - a bind address is no certificate name
+        pki = make_demo_pki(directory / "pki", server_names=tuple(names), client_cn=DEMO_CLIENT_CN)
+        server_section = "allow_plain_http = false"
+        tls_section = (
+            "\n[tls]\n"
+            f"cert_file = {_toml_string(str(pki.server_cert))}\n"
+            f"key_file = {_toml_string(str(pki.server_key))}\n"
+        )
+        if mtls:
+            tls_section += (
+                f"client_ca_file = {_toml_string(str(pki.ca_cert))}\n"
+                f"client_names = [{_toml_string(DEMO_CLIENT_CN)}]\n"
+            )
     key_ids = ", ".join(_toml_string(key.label) for key in DEMO_KEYS)
     environment = "\n".join(
         f"{name} = {_toml_string(value)}" for name, value in token.environment.items()
@@ -107,8 +129,8 @@ def prepare_demo(
 host = {_toml_string(host)}
 port = {port}
 workers = {workers}
-allow_plain_http = true   # demo on loopback only: KMS itself requires HTTPS
-
+{server_section}
+{tls_section}
 [hsm]
 module = {_toml_string(token.module_path)}
 token_label = {_toml_string(token.token_label)}

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -118,7 +119,14 @@ def sign(
     return dict(request.headers.items())
 
 
-def start_proxy(config_path: Path, log_path: Path, port: int, *, wait: bool = True) -> ProxyProcess:
+def start_proxy(
+    config_path: Path,
+    log_path: Path,
+    port: int,
+    *,
+    wait: bool = True,
+    tls_context: ssl.SSLContext | None = None,
+) -> ProxyProcess:
     """Start `python -m xks_proxy serve --config ...` and wait until it accepts connections."""
     log = log_path.open("wb")
     process = subprocess.Popen(
@@ -135,7 +143,11 @@ def start_proxy(config_path: Path, log_path: Path, port: int, *, wait: bool = Tr
                 raise RuntimeError(f"proxy exited with {process.returncode}:\n{proxy.log_text()}")
             try:
                 # Ready means a worker answers HTTP, not just that the port accepts.
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+                connection: http.client.HTTPConnection = (
+                    http.client.HTTPSConnection("127.0.0.1", port, timeout=0.5, context=tls_context)
+                    if tls_context is not None
+                    else http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+                )
                 connection.request("GET", "/")
                 connection.getresponse().read()
                 connection.close()

@@ -1,12 +1,14 @@
 """Worker processes appending to one audit log while it rotates under them.
 
 Each process opens its own AuditLog, as the proxy's workers do; the small
-rotate_bytes makes rotation happen dozens of times while all four contend.
+rotate_bytes makes rotation happen dozens of times while all four contend. A
+second test forks workers that inherit one AuditLog, as a pre-fork server would.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import Counter
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -74,3 +76,34 @@ def test_processes_never_interleave_or_break_the_chain(tmp_path: Path, fsync: bo
         assert own == [f"w{worker}-{number}" for number in range(APPENDS_PER_PROCESS)]
     for file in files[:-1]:
         assert file.stat().st_size <= ROTATE_BYTES
+
+
+def test_fork_child_gets_its_own_lock(tmp_path: Path) -> None:
+    # A forked child shares the parent's open file description and so its flock;
+    # the log must notice the fork and open its own before appending.
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    log_path = tmp_path / "audit.jsonl"
+    log = AuditLog(log_path, fsync=False)
+    log.append({"kmsRequestId": "parent-first"})
+    children = []
+    for worker in range(3):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                for number in range(400):
+                    log.append({"kmsRequestId": f"child{worker}-{number}"})
+                log.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    for number in range(400):
+        log.append({"kmsRequestId": f"parent-{number}"})
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    log.close()
+    report = verify_files([log_path])
+    assert report.ok, report.problems
+    assert report.records == 1601

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
+import itertools
 import tempfile
 import threading
 import time
@@ -226,6 +226,26 @@ def test_partial_last_line_is_ended_and_the_chain_continues(log_path: Path) -> N
     assert _only_problem(log_path).startswith(f"{log_path}:4: bad JSON")
 
 
+def test_records_longer_than_the_tail_chunk(log_path: Path) -> None:
+    with AuditLog(log_path, fsync=False) as log:
+        log.append({"kmsRequestId": "big", "policyIds": ["p" * 50] * 400})
+    with AuditLog(log_path, fsync=False) as log:  # a fresh instance reads the tail back
+        log.append(_record(1))
+    report = verify_files([log_path])
+    assert report.ok and report.last_seq == 1
+
+
+def test_fragment_only_live_file_continues_from_rotated_file(log_path: Path) -> None:
+    hashes = _write_log(log_path, 3)
+    log_path.rename(log_path.with_name("audit.20240501T120000Z.2.jsonl"))
+    log_path.write_bytes(b'{"kmsRequestId":"cut')
+    with AuditLog(log_path, fsync=False) as log:
+        log.append(_record(3))
+    record = orjson.loads(_lines(log_path)[1])
+    assert (record["seq"], record["prev"]) == (3, hashes[-1])
+    assert _only_problem(log_path).startswith(f"{log_path}:1: bad JSON")
+
+
 def test_corrupt_last_record_stops_appends_without_echoing_it(log_path: Path) -> None:
     _write_log(log_path, 2)
     lines = _lines(log_path)
@@ -248,7 +268,7 @@ def test_size_rotation_chains_across_three_or_more_files(log_path: Path) -> None
         assert (stem, suffix, len(stamp)) == ("audit", "jsonl", 16)
         assert orjson.loads(_lines(rotated)[-1])["seq"] == int(last_seq)
         assert rotated.stat().st_size <= 1500
-    for older, newer in zip(files, files[1:], strict=False):
+    for older, newer in itertools.pairwise(files):
         assert orjson.loads(_lines(newer)[0])["prev"] == orjson.loads(_lines(older)[-1])["hash"]
     report = verify_files(files)
     assert report.ok, report.problems
@@ -634,33 +654,3 @@ def test_bad_key_file(tmp_path: Path, log_path: Path, content: str) -> None:
 def test_main_verify_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main_verify([tmp_path / "absent.jsonl"], None) == 1
     assert "cannot read" in capsys.readouterr().out
-
-
-def test_fork_child_gets_its_own_lock(log_path: Path) -> None:
-    # A forked child shares the parent's open file description and so its flock;
-    # the log must notice the fork and open its own before appending.
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork")
-    log = AuditLog(log_path, fsync=False)
-    log.append(_record(0))
-    children = []
-    for worker in range(2):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                for number in range(100):
-                    log.append({"kmsRequestId": f"child{worker}-{number}"})
-                log.close()
-            except BaseException:
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    for number in range(100):
-        log.append({"kmsRequestId": f"parent-{number}"})
-    for pid in children:
-        assert os.waitpid(pid, 0)[1] == 0
-    log.close()
-    report = verify_files([log_path])
-    assert report.ok, report.problems
-    assert report.records == 301

@@ -31,7 +31,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -359,9 +359,11 @@ class AuditLog:
     def append(self, record: Mapping[str, Any]) -> str:
         """Write one record (durably, if ``fsync``) and return its hash.
 
+        When this returns the line is in the file (it survives a crash of this
+        process) and, with ``fsync``, on stable storage (it survives power loss).
         Raises ValueError for a record with a forbidden or reserved key or a non-JSON
-        value, AuditLogError if the log is closed or its tail is corrupt, OSError if
-        the write fails. The record is on disk when this returns.
+        value, AuditLogError if the log is closed or its tail is not a valid record,
+        OSError if the write fails.
         """
         fields = dict(record)
         _check_keys(fields)
@@ -514,15 +516,18 @@ class AuditLog:
             _fsync_directory(self._path.parent)
 
     def _reopen_after_fork(self) -> None:
-        # The inherited fds share the parent's flock; close our copies and start afresh.
-        # (The inherited thread lock may be held by a thread that does not exist here.)
+        # The inherited fds share the parent's open file descriptions and so its flock:
+        # close our copies (the parent keeps its lock) and open our own. The inherited
+        # thread lock may be held by a parent thread that does not exist here.
         for fd in (self._fd, self._lock_fd):
             if fd >= 0:
                 os.close(fd)
-        closed = self._closed
-        self._open_fds()
-        if closed:
-            self.close()
+        self._fd = self._lock_fd = -1
+        if self._closed:
+            self._thread_lock = threading.Lock()
+            self._generation = _fork_generation
+        else:
+            self._open_fds()
 
     def close(self) -> None:
         """Close the files; further appends raise AuditLogError."""
@@ -612,24 +617,33 @@ def _parse_line(
     line.self_ok = not line.noncanonical and hmac.compare_digest(line.computed_hash, stored)
 
 
-def _read_lines(path: Path, file_index: int, chain_key: bytes | None, lines: list[_Line]) -> None:
-    data = path.read_bytes()
-    if not data:
-        return
-    terminated = data.endswith(b"\n")
-    raw_lines = (data[:-1] if terminated else data).split(b"\n")
-    # The first record's plain hash tells a wrong key from a keyed-vs-plain mix-up.
-    want_plain_hash = chain_key is not None and all(seen.problem for seen in lines)
-    for number, raw in enumerate(raw_lines, start=1):
-        line = _Line(path, file_index, number)
-        _parse_line(raw, line, chain_key, want_plain_hash=want_plain_hash)
-        want_plain_hash = want_plain_hash and line.problem is not None
-        if number == len(raw_lines) and not terminated:
-            if line.problem is None:
-                line.note = "no newline at end of file (truncated?)"
-            else:
-                line.problem = "truncated last line (partial write)"
-        lines.append(line)
+def _iter_lines(
+    files: Sequence[Path], chain_key: bytes | None, problems: list[str]
+) -> Iterator[_Line]:
+    """Every line of every file, in order, one file in memory at a time."""
+    want_plain_hash = chain_key is not None  # for the first record only
+    for file_index, path in enumerate(files):
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            problems.append(f"{path}: cannot read: {error.strerror or type(error).__name__}")
+            continue
+        if not data:
+            continue
+        terminated = data.endswith(b"\n")
+        raw_lines = (data[:-1] if terminated else data).split(b"\n")
+        del data
+        last = len(raw_lines)
+        for number, raw in enumerate(raw_lines, start=1):
+            line = _Line(path, file_index, number)
+            _parse_line(raw, line, chain_key, want_plain_hash=want_plain_hash)
+            want_plain_hash = want_plain_hash and line.problem is not None
+            if number == last and not terminated:
+                if line.problem is None:
+                    line.note = "no newline at end of file (truncated?)"
+                else:
+                    line.problem = "truncated last line (partial write)"
+            yield line
 
 
 def verify_files(paths: Sequence[Path], *, chain_key: bytes | None = None) -> VerifyReport:
@@ -639,30 +653,73 @@ def verify_files(paths: Sequence[Path], *, chain_key: bytes | None = None) -> Ve
     inserted or reordered line, a truncated last line, bad JSON, a break between
     files (a rotated file missing from the set) or a wrong chain key. A chain whose
     first record has seq > 0 is accepted as a log whose older files were removed;
-    the report's ``first_seq`` says where it starts.
+    the report's ``first_seq`` says where it starts. Memory use is one file's bytes.
     """
     files = [Path(path) for path in paths]
     problems: list[str] = []
-    lines: list[_Line] = []
-    for index, path in enumerate(files):
-        try:
-            _read_lines(path, index, chain_key, lines)
-        except OSError as error:
-            problems.append(f"{path}: cannot read: {error.strerror or type(error).__name__}")
-    records = [line for line in lines if line.problem is None]
+    # First pass, which normally stops at the first record: does any record verify?
+    # If none does, the key (not every record) is the likely culprit: say so once and
+    # check the chain's structure with the stored hashes instead.
+    first_record: _Line | None = None
+    any_verifies = False
+    for line in _iter_lines(files, chain_key, []):
+        if line.problem is None:
+            first_record = first_record or line
+            if line.self_ok:
+                any_verifies = True
+                break
     trust_stored_hashes = False
-    if records and not any(line.self_ok for line in records):
-        trust_stored_hashes = _explain_no_record_verifies(records[0], chain_key, problems)
-    first_seq, last_seq, last_hash = _check_chain(lines, problems, trust_stored_hashes)
+    if first_record is not None and not any_verifies:
+        trust_stored_hashes = _explain_no_record_verifies(first_record, chain_key, problems)
+    counted = _Counted(_iter_lines(files, chain_key, problems))
+    first_seq, last_seq, last_hash = _check_chain(
+        _Lookahead(counted), problems, trust_stored_hashes
+    )
     return VerifyReport(
         ok=not problems,
-        records=len(records),
+        records=counted.records,
         files=files,
         problems=problems,
         first_seq=first_seq,
         last_seq=last_seq,
         last_hash=last_hash,
     )
+
+
+class _Counted:
+    """Lines passed through, counting the well-formed records."""
+
+    def __init__(self, lines: Iterator[_Line]) -> None:
+        self._lines = lines
+        self.records = 0
+
+    def __iter__(self) -> Iterator[_Line]:
+        for line in self._lines:
+            if line.problem is None:
+                self.records += 1
+            yield line
+
+
+class _Lookahead:
+    """An iterator of lines that can show the next well-formed record without taking it."""
+
+    def __init__(self, lines: _Counted) -> None:
+        self._lines = iter(lines)
+        self._peeked: _Line | None = None
+
+    def take(self) -> _Line | None:
+        if self._peeked is not None:
+            line, self._peeked = self._peeked, None
+            return line
+        return next(self._lines, None)
+
+    def next_record(self) -> _Line | None:
+        """The next line if it is a well-formed record, else None."""
+        if self._peeked is None:
+            self._peeked = next(self._lines, None)
+        if self._peeked is not None and self._peeked.problem is None:
+            return self._peeked
+        return None
 
 
 def _explain_no_record_verifies(first: _Line, chain_key: bytes | None, problems: list[str]) -> bool:
@@ -687,25 +744,15 @@ def _explain_no_record_verifies(first: _Line, chain_key: bytes | None, problems:
     return True
 
 
-def _next_record(lines: list[_Line], index: int) -> _Line | None:
-    following = index + 1
-    if following < len(lines) and lines[following].problem is None:
-        return lines[following]
-    return None
-
-
 def _check_chain(
-    lines: list[_Line], problems: list[str], trust_stored_hashes: bool
+    lines: _Lookahead, problems: list[str], trust_stored_hashes: bool
 ) -> tuple[int | None, int | None, str | None]:
     """Walk the lines in order and report breaks. Returns (first seq, last seq, last hash)."""
     anchor: _Line | None = None  # the last record accepted as part of the chain
     lenient_prevs: set[str] = set()  # hashes a record after an edited one may link to
     unverified = 0  # lines since the anchor that could not be checked (bad or edited)
     first_seq: int | None = None
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        index += 1
+    while (line := lines.take()) is not None:
         if line.problem is not None:
             problems.append(f"{line.where}: {line.problem}")
             unverified += 1
@@ -713,8 +760,14 @@ def _check_chain(
         if line.note is not None:
             problems.append(f"{line.where}: {line.note}")
         if not (line.self_ok or trust_stored_hashes):
-            if _is_inserted_unverifiable(lines, index - 1, anchor, unverified):
-                assert anchor is not None
+            following = lines.next_record()
+            if (
+                anchor is not None
+                and unverified == 0
+                and following is not None
+                and following.prev == anchor.stored_hash
+                and following.seq == anchor.seq + 1
+            ):
                 problems.append(
                     f"{line.where}: inserted: this line's hash does not verify and the "
                     f"next line continues the chain from {anchor.where}"
@@ -746,8 +799,7 @@ def _check_chain(
             # The unverifiable lines stood in for records (or were junk); reported above.
             anchor, lenient_prevs, unverified = line, set(), 0
             continue
-        advance, new_anchor = _report_break(lines, index - 1, anchor, lenient_prevs, problems)
-        index += advance - 1
+        new_anchor = _report_break(line, lines, anchor, lenient_prevs, problems)
         if new_anchor is not None:
             anchor, lenient_prevs, unverified = new_anchor, set(), 0
     if anchor is None:
@@ -755,49 +807,35 @@ def _check_chain(
     return first_seq, anchor.seq, anchor.stored_hash
 
 
-def _is_inserted_unverifiable(
-    lines: list[_Line], index: int, anchor: _Line | None, unverified: int
-) -> bool:
-    """Whether a record whose hash fails is an intruder: the next one skips over it."""
-    following = _next_record(lines, index)
-    return (
-        anchor is not None
-        and unverified == 0
-        and following is not None
-        and following.prev == anchor.stored_hash
-        and following.seq == anchor.seq + 1
-    )
-
-
 def _report_break(
-    lines: list[_Line],
-    index: int,
+    line: _Line,
+    lines: _Lookahead,
     anchor: _Line,
     lenient_prevs: set[str],
     problems: list[str],
-) -> tuple[int, _Line | None]:
-    """Describe why ``lines[index]``, a verified record, does not follow ``anchor``.
+) -> _Line | None:
+    """Describe why ``line``, a verified record, does not follow ``anchor``.
 
-    Returns how many lines this consumed and the new anchor (None: keep the old one,
-    the line was an intruder).
+    Returns the new anchor, or None to keep the old one (``line`` was an intruder).
+    Takes the next line from ``lines`` too if the two were swapped.
     """
-    line = lines[index]
-    following = _next_record(lines, index)
+    following = lines.next_record()
     anchor_hashes = {anchor.stored_hash} | lenient_prevs
     expected = anchor.seq + 1
     crosses = line.file_index != anchor.file_index
     if following is not None and following.prev in anchor_hashes and following.seq == expected:
         if line.prev == following.stored_hash and line.seq == expected + 1:
+            lines.take()
             problems.append(
                 f"{line.where}: reordered: lines {line.number} and {following.number} are "
                 f"swapped (seq {line.seq} comes before seq {following.seq})"
             )
-            return 2, line
+            return line
         problems.append(
             f"{line.where}: inserted: this record (seq {line.seq}) is not part of the "
             f"chain; the next line continues from {anchor.where}"
         )
-        return 1, None
+        return None
     if line.seq > expected:
         missing = line.seq - expected
         span = f"seq {expected}" if missing == 1 else f"seq {expected}..{line.seq - 1}"
@@ -811,14 +849,14 @@ def _report_break(
             problems.append(
                 f"{line.where}: deleted: {missing} record(s) missing before this line ({span})"
             )
-        return 1, line
+        return line
     if line.seq < expected:
         between = "between files: " if crosses else ""
         problems.append(
             f"{line.where}: {between}out of order: seq {line.seq} after seq {anchor.seq} "
             f"at {anchor.where} (lines or files duplicated, moved or given out of order)"
         )
-        return 1, line
+        return line
     if crosses:
         problems.append(
             f"{line.where}: chain break between files: prev does not match the last "
@@ -829,7 +867,7 @@ def _report_break(
             f"{line.where}: chain break: prev does not match the hash of {anchor.where} "
             "(that record was rewritten and re-hashed, or this one forged)"
         )
-    return 1, line
+    return line
 
 
 # --------------------------------------------------------------------------- CLI helpers

@@ -46,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from xks_proxy.server import handshake_alert
+
 __all__ = [
     "ALPN_PROTOCOLS",
     "EXPIRY_WARNING_DAYS",
@@ -308,6 +310,8 @@ class _AlertSendingSSLObject(ssl.SSLObject):
 def _log_handshake_failure(exc: ssl.SSLError) -> None:
     """Client-certificate failures are worth a warning (mTLS set-up); the rest is noise."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == handshake_alert.X509_V_ERR_APPLICATION_VERIFICATION:
+            return  # handshake_alert's callback logged the real reason already
         logger.warning(
             "mTLS: client certificate refused in the TLS handshake: %s", exc.verify_message
         )
@@ -457,6 +461,9 @@ def build_server_context(settings: TlsSettings) -> ssl.SSLContext:
     _load_into(context, material, settings)
     context._xks_loaded = _loaded(material)
     _log_expiry(material.chain[0], settings.cert_file)
+    if material.client_cas is not None:
+        # KMS and the compliance client expect alert 40 for any refused certificate.
+        handshake_alert.install(context)
     if material.client_cas is not None and not settings.allowed_client_names:
         logger.warning(
             "mTLS is on but no allowed client names are configured: "
