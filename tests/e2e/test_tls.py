@@ -78,6 +78,7 @@ def curl(port: int, credential: str, *extra: str) -> subprocess.CompletedProcess
 
 @pytest.mark.skipif(CURL is None or OPENSSL is None, reason="needs curl and openssl")
 def test_https_with_mtls(tmp_path: Path) -> None:
+    assert OPENSSL is not None
     demo, port, akid, secret, pki = prepare(tmp_path, "--mtls")
     credential = f"{akid}:{secret}"
     context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
@@ -177,6 +178,53 @@ def test_https_with_mtls(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(CURL is None, reason="needs curl")
+def test_certificate_reload_keeps_open_connections(tmp_path: Path) -> None:
+    """Issue 3: a renewed certificate is served to new connections after
+    `xks-proxy reload`, while an open keep-alive connection keeps working."""
+    import http.client
+
+    from xks_proxy.server.tls import make_demo_pki
+
+    demo, port, _, _, pki = prepare(tmp_path, "--tls")
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    proxy = start_proxy(demo / "config.toml", tmp_path / "proxy.log", port, tls_context=context)
+
+    def serial(connection: http.client.HTTPSConnection) -> int:
+        assert connection.sock is not None
+        assert isinstance(connection.sock, ssl.SSLSocket)
+        der = connection.sock.getpeercert(binary_form=True)
+        assert der is not None
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        kept = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+        kept.request("GET", "/")
+        kept.getresponse().read()
+        old_serial = serial(kept)
+        (pki / "server.pem").unlink()
+        (pki / "server-key.pem").unlink()
+        make_demo_pki(pki, server_names=("localhost", "127.0.0.1"))  # same CA, new leaf
+        result = subprocess.run(
+            [sys.executable, "-m", "xks_proxy", "reload", "--config", str(demo / "config.toml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        fresh = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+        fresh.request("GET", "/")
+        fresh.getresponse().read()
+        assert serial(fresh) != old_serial
+        kept.request("GET", "/")  # the old connection still answers
+        assert kept.getresponse().status == 404
+        assert serial(kept) == old_serial
+    finally:
+        proxy.stop()
+
+
 def test_https_without_mtls_and_plain_http_refused(tmp_path: Path) -> None:
     demo, port, akid, secret, pki = prepare(tmp_path, "--tls")
     context = ssl.create_default_context(cafile=str(pki / "ca.pem"))

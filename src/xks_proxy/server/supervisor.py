@@ -40,6 +40,8 @@ WORKER_START_FAILURE = 3
 MAX_QUICK_FAILURES = 5
 QUICK_FAILURE_SECONDS = 10.0
 ACK_TIMEOUT_SECONDS = 10.0
+CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
+CERTIFICATE_WARNING_DAYS = 30.0
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -142,7 +144,11 @@ class Supervisor:
         logger.info("started worker %d (pid %s)", index, process.pid)
 
     def _watch(self) -> int:
+        next_certificate_check = time.monotonic() + CERTIFICATE_CHECK_SECONDS
         while not self.stopping:
+            if time.monotonic() >= next_certificate_check:
+                next_certificate_check = time.monotonic() + CERTIFICATE_CHECK_SECONDS
+                self._check_certificate()
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
@@ -169,6 +175,27 @@ class Supervisor:
             time.sleep(0.1)
         logger.info("shutting down")
         return 0
+
+    def _check_certificate(self) -> None:
+        """Warn every few hours from 30 days before the server certificate expires."""
+        if self.config.tls is None:
+            return
+        from xks_proxy.server.tls import certificate_days_to_expiry
+
+        try:
+            days = certificate_days_to_expiry(self.config.tls.cert_file)
+        except Exception as exc:
+            logger.warning("cannot read the server certificate's expiry: %s", exc)
+            return
+        if days <= 0:
+            logger.error("the server certificate %s has EXPIRED", self.config.tls.cert_file)
+        elif days <= CERTIFICATE_WARNING_DAYS:
+            logger.warning(
+                "the server certificate %s expires in %.1f days: renew it and run "
+                "'xks-proxy reload'",
+                self.config.tls.cert_file,
+                days,
+            )
 
     def _stop_workers(self) -> None:
         for process in self.workers.values():

@@ -96,12 +96,14 @@ class Worker:
     def apply(self, generation: int, new_config: ProxyConfig) -> reload_files.ReloadResult:
         """Apply a configuration the supervisor validated; keep the old one on failure."""
         try:
-            if self.tls_context is not None and new_config.tls is not None:
+            restart_needed = restart_needed_for(self.config, new_config)
+            tls_mode_changed = any(item.startswith("tls") for item in restart_needed)
+            if self.tls_context is not None and new_config.tls is not None and not tls_mode_changed:
                 from xks_proxy.server.tls import PeerNamePolicy, reload_certificates
 
                 reload_certificates(self.tls_context, tls_settings(new_config.tls))
                 PeerNamePolicy.set_allowed(new_config.tls.client_names)
-            for setting in restart_needed_for(self.config, new_config):
+            for setting in restart_needed:
                 logger.warning("reload: %s changed; it takes effect after a restart", setting)
             if self.service is not None:
                 self.service.apply_config(new_config)
