@@ -221,6 +221,8 @@ def test_certificate_reload_keeps_open_connections(tmp_path: Path) -> None:
         kept.request("GET", "/")  # the old connection still answers
         assert kept.getresponse().status == 404
         assert serial(kept) == old_serial
+        kept.close()
+        fresh.close()
     finally:
         proxy.stop()
 
