@@ -119,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--label", required=True)
         command.set_defaults(run=_keys_list if name == "list" else _keys_show)
 
+    audit = commands.add_parser("audit", help="tamper-evident audit log tools")
+    audit_commands = audit.add_subparsers(title="audit commands")
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain of audit files; say where it is broken"
+    )
+    verify.add_argument("files", nargs="+", type=Path, help="audit files (rotated ones too)")
+    verify.add_argument("--chain-key-file", type=Path, help="HMAC chain key (hex) if keyed")
+    verify.set_defaults(run=_audit_verify)
+
     authz_parser = commands.add_parser("authz", help="secondary authorization tools")
     authz_commands = authz_parser.add_subparsers(title="authz commands")
     check = authz_commands.add_parser(
@@ -456,6 +465,12 @@ def _keys_list(args: argparse.Namespace, label: str | None = None) -> int:
 
 def _keys_show(args: argparse.Namespace) -> int:
     return _keys_list(args, label=args.label)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from xks_proxy.observability.audit import main_verify
+
+    return main_verify(args.files, args.chain_key_file)
 
 
 def _authz_check(args: argparse.Namespace) -> int:

@@ -131,6 +131,17 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The tamper-evident audit log (docs/audit.md)."""
+
+    path: Path
+    fsync: bool = True
+    rotate_bytes: int | None = 64 << 20
+    rotate_seconds: float | None = None
+    chain_key: bytes | None = field(default=None, repr=False)  # HMAC chain key
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     server: ServerConfig
     tls: TlsConfig | None
@@ -142,6 +153,7 @@ class ProxyConfig:
     log_level: str
     runtime: RuntimeLimits = RuntimeLimits()
     health: HealthConfig = HealthConfig()
+    audit: AuditConfig | None = None  # None: audit log switched off
     source: Path | None = None
 
     @property
@@ -332,6 +344,7 @@ def parse_config(
         degraded_latency_ms=_number_in(health_table, "degraded_latency_ms", 1, 10_000, 50.0),
     )
     health_table.check_unknown()
+    audit = _audit(root.sub("audit"), server)
     logging_table = root.sub("logging")
     log_level = logging_table.get("level", str, "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
@@ -361,6 +374,7 @@ def parse_config(
         log_level=log_level,
         runtime=runtime,
         health=health,
+        audit=audit,
         source=source,
     )
 
@@ -389,6 +403,40 @@ def _policy_sources(store: _Reader) -> tuple[tuple[str, str], ...]:
     except PolicyError as exc:
         raise store.fail("policy_files", f"invalid policy: {exc}") from None
     return tuple(sources)
+
+
+def _audit(table: _Reader, server: ServerConfig) -> AuditConfig | None:
+    enabled = table.get("enabled", bool, True)
+    path = (
+        table.path_value("path")
+        if "path" in table.table
+        else server.state_dir / "audit" / "audit.jsonl"
+    )
+    rotate_mb = table.get("rotate_megabytes", (int, float), 64)
+    if rotate_mb is not None and not 0.01 <= rotate_mb <= 1 << 20:
+        raise table.fail("rotate_megabytes", "must be between 0.01 and 1048576")
+    rotate_seconds = table.get("rotate_seconds", (int, float), None)
+    if rotate_seconds is not None and rotate_seconds < 1:
+        raise table.fail("rotate_seconds", "must be at least 1")
+    chain_key = None
+    if "chain_key_file" in table.table:
+        key_path = table.path_value("chain_key_file")
+        from xks_proxy.observability.audit import load_chain_key
+
+        try:
+            warn_if_readable_by_others(key_path, table.where("chain_key_file"))
+            chain_key = load_chain_key(key_path)
+        except (OSError, ValueError) as exc:
+            raise table.fail("chain_key_file", f"cannot use {key_path}: {exc}") from None
+    config = AuditConfig(
+        path=path,
+        fsync=table.get("fsync", bool, True),
+        rotate_bytes=int(rotate_mb * (1 << 20)),
+        rotate_seconds=float(rotate_seconds) if rotate_seconds is not None else None,
+        chain_key=chain_key,
+    )
+    table.check_unknown()
+    return config if enabled else None
 
 
 def _number_in(table: _Reader, key: str, low: float, high: float, default: float) -> float:

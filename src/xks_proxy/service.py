@@ -25,6 +25,8 @@ from xks_proxy.hsmcalls import HsmCalls
 from xks_proxy.keymanager.base import EkmInfo, KeyManager
 from xks_proxy.keystores import KeyStoreTable
 from xks_proxy.killswitch import POLL_SECONDS, KillSwitchWatcher
+from xks_proxy.observability.audit import AuditLog
+from xks_proxy.observability.audit_sink import AuditSink, audit_record
 from xks_proxy.protocol.aad import hsm_aad
 from xks_proxy.protocol.cdiv import ciphertext_data_integrity_value
 from xks_proxy.protocol.errors import (
@@ -145,6 +147,19 @@ class XksService:
         self.killswitch = KillSwitchWatcher(config.server.state_dir)
         self.health = HealthMonitor(key_manager, self.ekm_info, config.health, self._run_untimed)
         self._tasks: list[asyncio.Task[None]] = []
+        self.audit: AuditSink | None = None
+        if config.audit is not None:
+            audit = config.audit
+            audit.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.audit = AuditSink(
+                AuditLog(
+                    audit.path,
+                    rotate_bytes=audit.rotate_bytes,
+                    rotate_seconds=audit.rotate_seconds,
+                    fsync=audit.fsync,
+                    chain_key=audit.chain_key,
+                )
+            )
 
     def start(self) -> None:
         """Start the background work (health checks, kill switch polling); needs a loop."""
@@ -177,6 +192,8 @@ class XksService:
         for task in self._tasks:
             task.cancel()
         self.hsm_calls.shutdown()
+        if self.audit is not None:
+            self.audit.close()
         self.key_manager.close()
 
     async def handle(
@@ -187,7 +204,29 @@ class XksService:
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
     ) -> Outcome:
-        """Answer one HTTP request; never raises."""
+        """Answer one HTTP request; never raises. The audit record is written first."""
+        started = time.perf_counter()
+        outcome = await self._answer(method, raw_path, query_string, headers, body)
+        if self.audit is not None:
+            record = audit_record(outcome.log)
+            record["latencyMs"] = round((time.perf_counter() - started) * 1000, 3)
+            try:
+                await self.audit.record(record)
+            except Exception:
+                # Fail closed: no answer goes out without its audit record.
+                return error_outcome(
+                    InternalException("the audit log cannot be written"), JSON_HEADERS, outcome.log
+                )
+        return outcome
+
+    async def _answer(
+        self,
+        method: str,
+        raw_path: bytes,
+        query_string: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> Outcome:
         log: dict[str, Any] = {}
         if not self.in_flight.try_enter():
             # Shed load at once: a fast 429 beats a timeout KMS would wait 250 ms for.
