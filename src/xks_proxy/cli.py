@@ -119,6 +119,17 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--label", required=True)
         command.set_defaults(run=_keys_list if name == "list" else _keys_show)
 
+    imported = commands.add_parser(
+        "import-config",
+        help="convert the AWS sample proxy's settings.toml (config to stdout, report to stderr)",
+    )
+    imported.add_argument("settings", type=Path)
+    imported.add_argument("--token-label", help="label of the token the sample used")
+    imported.add_argument(
+        "--working-dir", type=Path, help="directory the sample ran in, for its relative paths"
+    )
+    imported.set_defaults(run=_import_config)
+
     audit = commands.add_parser("audit", help="tamper-evident audit log tools")
     audit_commands = audit.add_subparsers(title="audit commands")
     verify = audit_commands.add_parser(
@@ -465,6 +476,22 @@ def _keys_list(args: argparse.Namespace, label: str | None = None) -> int:
 
 def _keys_show(args: argparse.Namespace) -> int:
     return _keys_list(args, label=args.label)
+
+
+def _import_config(args: argparse.Namespace) -> int:
+    from xks_proxy.migration import SampleSettingsError, import_sample_settings
+
+    try:
+        result = import_sample_settings(
+            args.settings, token_label=args.token_label, working_dir=args.working_dir
+        )
+    except SampleSettingsError as exc:
+        print(f"xks-proxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(result.config_toml)
+    for line in result.report:
+        print(line, file=sys.stderr)
+    return 0
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xks_proxy.protocol.compat import (
+    COMPATIBILITY_AWS_SAMPLE,
+    compat_ciphertext_metadata,
+    operator_metadata_problem,
+)
 from xks_proxy.protocol.routing import EXTERNAL_KEY_ID_RE, normalize_uri_prefix, uri_path_problem
 from xks_proxy.protocol.validate import RequestLimits
 
@@ -58,6 +63,15 @@ class KeyStoreConfig:
     # Cedar policy files as (path, text), read and validated at load so the supervisor
     # and every worker decide with exactly the same text. Empty: no secondary authz.
     policy_sources: tuple[tuple[str, str], ...] = ()
+    # "aws-sample": also decrypt ciphertexts the AWS sample proxy made (docs/migration.md)
+    compatibility: str | None = None
+
+    @property
+    def encrypt_metadata(self) -> bytes | None:
+        """The ciphertextMetadata Encrypt returns (with the spec marker in compat mode)."""
+        if self.compatibility == COMPATIBILITY_AWS_SAMPLE:
+            return compat_ciphertext_metadata(self.ciphertext_metadata)
+        return self.ciphertext_metadata
 
     @property
     def uri_path(self) -> str:
@@ -614,6 +628,13 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
             metadata = metadata_text.encode("utf-8")
             if not 1 <= len(metadata) <= 20:
                 raise store.fail("ciphertext_metadata", "must be 1-20 bytes")
+        compatibility = store.get("compatibility", str, None)
+        if compatibility is not None:
+            if compatibility != COMPATIBILITY_AWS_SAMPLE:
+                raise store.fail("compatibility", f"must be {COMPATIBILITY_AWS_SAMPLE!r}")
+            problem = operator_metadata_problem(metadata)
+            if problem is not None:
+                raise store.fail("ciphertext_metadata", problem)
         store.check_unknown()
         result.append(
             KeyStoreConfig(
@@ -626,6 +647,7 @@ def _key_stores(root: _Reader) -> tuple[KeyStoreConfig, ...]:
                 rate,
                 burst,
                 policy_sources,
+                compatibility,
             )
         )
     return tuple(result)

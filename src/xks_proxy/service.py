@@ -29,10 +29,16 @@ from xks_proxy.observability.audit import AuditLog
 from xks_proxy.observability.audit_sink import AuditSink, audit_record
 from xks_proxy.protocol.aad import hsm_aad
 from xks_proxy.protocol.cdiv import ciphertext_data_integrity_value
+from xks_proxy.protocol.compat import (
+    COMPATIBILITY_AWS_SAMPLE,
+    construction_aad,
+    decrypt_constructions,
+)
 from xks_proxy.protocol.errors import (
     AccessDeniedException,
     DependencyTimeoutException,
     InternalException,
+    InvalidCiphertextException,
     InvalidStateException,
     InvalidUriPathException,
     KeyNotFoundException,
@@ -327,7 +333,7 @@ class XksService:
             raise InvalidStateException("the external key is disabled by its operator")
         if isinstance(request, EncryptRequest):
             return await self.encrypt(call, key_store, external_key_id, request)
-        return await self.decrypt(call, external_key_id, request)
+        return await self.decrypt(call, key_store, external_key_id, request)
 
     # ------------------------------------------------------------------ the APIs
 
@@ -343,7 +349,7 @@ class XksService:
         self, call: _Call, key_store: KeyStoreConfig, external_key_id: str, request: EncryptRequest
     ) -> EncryptResponse:
         """Encrypt (spec: Encrypt), with the CDIV procedure of Appendix C when asked."""
-        metadata = key_store.ciphertext_metadata
+        metadata = key_store.encrypt_metadata
         aad_for_hsm = hsm_aad(request.aad, metadata)
         output = await self._hsm(
             call, self.key_manager.encrypt, external_key_id, request.plaintext, aad_for_hsm
@@ -368,9 +374,24 @@ class XksService:
         return EncryptResponse(output.ciphertext, output.iv, output.tag, metadata, cdiv)
 
     async def decrypt(
-        self, call: _Call, external_key_id: str, request: DecryptRequest
+        self, call: _Call, key_store: KeyStoreConfig, external_key_id: str, request: DecryptRequest
     ) -> DecryptResponse:
-        """Decrypt (spec: Decrypt); the tag also covers AAD and ciphertextMetadata."""
+        """Decrypt (spec: Decrypt); the tag also covers AAD and ciphertextMetadata.
+
+        In AWS-sample compatibility mode the metadata marker picks exactly one AAD
+        construction; the other is never tried (docs/migration.md explains why).
+        """
+        aad_for_hsm = hsm_aad(request.aad, request.ciphertext_metadata)
+        if key_store.compatibility == COMPATIBILITY_AWS_SAMPLE:
+            constructions = decrypt_constructions(request.ciphertext_metadata)
+            if not constructions:
+                raise InvalidCiphertextException(
+                    "ciphertextMetadata was not made by this key store"
+                )
+            call.log["aadConstruction"] = constructions[0].value
+            aad_for_hsm = construction_aad(
+                constructions[0], request.aad, request.ciphertext_metadata
+            )
         plaintext = await self._hsm(
             call,
             self.key_manager.decrypt,
@@ -378,7 +399,7 @@ class XksService:
             request.ciphertext,
             request.iv,
             request.tag,
-            hsm_aad(request.aad, request.ciphertext_metadata),
+            aad_for_hsm,
         )
         return DecryptResponse(plaintext)
 
