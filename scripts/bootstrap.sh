@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Install what xks-proxy needs on Debian/Ubuntu: system packages (SoftHSMv2, OpenSC,
-# curl, jq) and a Python virtual environment in .venv. Safe to re-run: each step is
-# skipped when already done.
+# curl, jq) and a Python virtual environment in .venv. With --for-tests, also what the
+# test suite drives (HAProxy for the fleet test). Safe to re-run: each step is skipped
+# when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(softhsm2 opensc curl jq ca-certificates)
+if [ "${1:-}" = "--for-tests" ]; then
+    APT_PACKAGES+=(haproxy openssl)
+fi
 PYTHON=${PYTHON:-python3}
 
 as_root() {

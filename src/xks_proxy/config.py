@@ -110,6 +110,8 @@ class ServerConfig:
     health_port: int | None  # plain-HTTP load-balancer health listener (GET /ping, /ready)
     keep_alive_seconds: int
     graceful_shutdown_seconds: int
+    # SIGTERM: seconds of /ready 503 and Connection: close before workers stop (0: none)
+    drain_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +482,7 @@ def _server(table: _Reader) -> ServerConfig:
         health_port=health_port,
         keep_alive_seconds=table.int_in("keep_alive_seconds", 1, 3600, 60),
         graceful_shutdown_seconds=table.int_in("graceful_shutdown_seconds", 1, 600, 10),
+        drain_seconds=table.int_in("drain_seconds", 0, 600, 0),
     )
     table.check_unknown()
     return config

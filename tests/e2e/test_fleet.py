@@ -26,8 +26,10 @@ How a request ends, as the client sees it:
       reached the application (uvicorn closed an idle keep-alive connection whose
       request bytes had not been read yet, or the connection sat in a listen backlog
       nobody accepted from any more). A client retries that on a fresh connection, as
-      HTTP clients do when a reused connection yields nothing; the test does too, once,
-      and counts whether the retry succeeded. Recorded separately, not a failure.
+      HTTP clients do when a reused connection yields nothing; the test does too, once
+      and at once (KMS gives a whole call 250 ms: there is no time for back-off), and
+      reports how many requests were still lost after that retry. Recorded separately,
+      not a failure.
     * in a log: processed, answer lost — a failure.
   After SIGKILL the logs cannot tell (the process died before logging), so in phase b
   every ``no_response`` is counted as a failure: those are the requests in flight on the
@@ -35,6 +37,8 @@ How a request ends, as the client sees it:
 - ``truncated``: part of an answer arrived, then the connection died (a failure).
 - ``timeout``: no answer within CLIENT_TIMEOUT (a failure).
 - ``connect_failed``: the load balancer itself refused the connection (a failure).
+- ``unwritable``: MAX_WRITE_ATTEMPTS fresh connections in a row broke while the request
+  was written (a failure).
 
 The report (totals, failures per phase, times to recover) is written to
 ``fleet-report.json`` / ``.txt`` in the test's tmp directory, printed (``-s`` or
@@ -43,6 +47,7 @@ The report (totals, failures per phase, times to recover) is written to
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import itertools
 import json
@@ -75,9 +80,11 @@ CLIENTS = 8
 CLIENT_TIMEOUT = 5.0
 CHECK_INTER_MS = 100  # HAProxy health check interval; fall = rise = 2
 GRACEFUL_SHUTDOWN_SECONDS = 5
+DRAIN_SECONDS = 1  # server.drain_seconds, when this version of the proxy has it
 ENCRYPT_PATH = f"/{PREFIX}/kms/xks/v1/keys/foo/encrypt"
 PLAINTEXT = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
-FAILURE_KINDS = ("status", "truncated", "timeout", "connect_failed")
+FAILURE_KINDS = ("status", "truncated", "timeout", "connect_failed", "unwritable")
+MAX_WRITE_ATTEMPTS = 5
 HAPROXY_LOG_RE = re.compile(
     r"^XKSFLEET (?P<port>\d+) (?P<backend>\S+)/(?P<server>\S+) (?P<state>\S+) (?P<bytes>\d+)"
 )
@@ -97,8 +104,10 @@ class Instance:
     health_port: int
     process: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
+    terminated: bool = False  # SIGTERM already sent to the current process
 
     def start(self) -> None:
+        self.terminated = False
         log_path = self.directory / f"proxy-{len(self.logs)}.log"
         self.logs.append(log_path)
         with log_path.open("wb") as log:
@@ -143,11 +152,17 @@ class Instance:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signum)
 
+    def begin_stop(self) -> None:
+        if self.process is not None and self.process.poll() is None and not self.terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self) -> None:
+        """SIGTERM (unless begin_stop did), wait, then SIGKILL whatever is left of the group."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.begin_stop()
             try:
                 self.process.wait(timeout=GRACEFUL_SHUTDOWN_SECONDS + 10)
             except subprocess.TimeoutExpired:
@@ -173,6 +188,13 @@ def http_status(port: int, path: str) -> int | None:
         connection.close()
 
 
+def drain_supported() -> bool:
+    """Whether the proxy has a drain phase on SIGTERM (server.drain_seconds)."""
+    from xks_proxy.config import ServerConfig
+
+    return "drain_seconds" in {f.name for f in dataclasses.fields(ServerConfig)}
+
+
 def make_instance(directory: Path, token: Any, index: int) -> Instance:
     directory.mkdir(parents=True, exist_ok=True)
     port, health_port = free_port(), free_port()
@@ -183,8 +205,13 @@ def make_instance(directory: Path, token: Any, index: int) -> Instance:
         "[server]\n",
         "[server]\nworkers = 1\n"
         f"health_port = {health_port}\n"
-        f"graceful_shutdown_seconds = {GRACEFUL_SHUTDOWN_SECONDS}\n",
+        f"graceful_shutdown_seconds = {GRACEFUL_SHUTDOWN_SECONDS}\n"
+        + (f"drain_seconds = {DRAIN_SECONDS}\n" if drain_supported() else ""),
     )
+    # This test is about stopping and crashing, not latency: a loaded CI machine must
+    # not turn a slow HSM call into a 503 DependencyTimeoutException (default 150 ms).
+    text = text.replace("[limits]\n", "[limits]\nrequest_timeout_ms = 2000\n")
+    assert "request_timeout_ms = 2000" in text
     config.write_text(text)
     return Instance(f"p{index}", directory, config, port, health_port)
 
@@ -198,7 +225,6 @@ class Balancer:
     port: int
     stats_socket: Path
     log_path: Path
-    transitions: list[tuple[float, str, str]] = field(default_factory=list)
 
     def command(self, line: str) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -317,7 +343,7 @@ def start_balancer(directory: Path, instances: list[Instance]) -> Balancer:
 class Outcome:
     started: float
     ended: float
-    kind: str  # ok, status, no_response, truncated, timeout, connect_failed
+    kind: str  # ok, no_response, or one of FAILURE_KINDS
     request_id: str
     client_port: int
     detail: str = ""
@@ -394,7 +420,7 @@ class Load:
             CREDENTIAL,
             {"Content-Type": "application/json"},
         )
-        while True:
+        for _ in range(MAX_WRITE_ATTEMPTS):
             if connection is not None and connection_dropped(connection):
                 self.stale.append(time.monotonic())
                 connection.close()
@@ -409,7 +435,13 @@ class Load:
                 except OSError as exc:
                     connection.close()
                     outcome = Outcome(
-                        started, time.monotonic(), "connect_failed", request_id, 0, repr(exc)
+                        started,
+                        time.monotonic(),
+                        "connect_failed",
+                        request_id,
+                        0,
+                        repr(exc),
+                        retry_of,
                     )
                     self._record(outcome)
                     time.sleep(0.05)
@@ -424,6 +456,13 @@ class Load:
                 connection = None
                 continue
             break
+        else:
+            outcome = Outcome(
+                started, time.monotonic(), "unwritable", request_id, 0, retry_of=retry_of
+            )
+            self._record(outcome)
+            return None, outcome
+        assert connection is not None
         kind, detail = "ok", ""
         try:
             response = connection.getresponse()
@@ -485,7 +524,8 @@ def classify(
     """Per phase: counts by kind, failures and where the failed requests went."""
     report: dict[str, dict[str, Any]] = {}
     for phase in phases:
-        mine = [o for o in outcomes if phase.started <= o.started < phase.ended]
+        # By when a request ended: one cut short by a signal belongs to that signal's phase.
+        mine = [o for o in outcomes if phase.started <= o.ended < phase.ended]
         kinds = Counter(o.kind for o in mine)
         failed: list[Outcome] = []
         before_accept: list[Outcome] = []
@@ -501,18 +541,25 @@ def classify(
                     failed.append(o)  # in flight on the killed instance
                 else:
                     before_accept.append(o)
-        retries = {o.retry_of: o.kind for o in mine if o.retry_of is not None}
+        retries = {o.retry_of: o.kind for o in mine if o.retry_of is not None}  # last wins
         last_bad = max((o.ended for o in mine if o.kind != "ok"), default=None)
+
+        def where(o: Outcome) -> str:
+            server, state, _ = routes.get(o.client_port, ("?", "?", 0))
+            return f"{o.request_id} {o.kind} via {server} (haproxy {state}): {o.detail}"
+
         report[phase.name] = {
             "seconds": round(phase.ended - phase.started, 2),
             "requests": len(mine),
             "ok": kinds["ok"],
             "kinds": dict(kinds),
             "failed": len(failed),
-            "failed_detail": [
-                f"{o.request_id} {o.kind} via {routes.get(o.client_port, ('?',))[0]}: {o.detail}"
-                for o in failed[:20]
-            ],
+            "failed_detail": [where(o) for o in failed[:20]],
+            "closed_before_accepted_detail": [where(o) for o in before_accept[:20]],
+            "failed_kinds": dict(Counter(o.kind for o in failed)),
+            "last_failure_after_s": max(
+                (round(o.ended - phase.started, 3) for o in failed), default=None
+            ),
             "failed_servers": dict(Counter(routes.get(o.client_port, ("?",))[0] for o in failed)),
             "closed_before_accepted": len(before_accept),
             "closed_before_accepted_servers": dict(
@@ -520,9 +567,8 @@ def classify(
             ),
             "processed_but_answer_lost": len(processed_lost),
             "retries": dict(Counter(retries.values())),
-            "last_non_ok_after_s": None
-            if last_bad is None
-            else round(last_bad - phase.started, 3),
+            "lost_after_retry": sum(1 for kind in retries.values() if kind != "ok"),
+            "last_non_ok_after_s": None if last_bad is None else round(last_bad - phase.started, 3),
             "marks_s": {k: round(v, 3) for k, v in phase.marks.items()},
         }
     return report
@@ -531,7 +577,8 @@ def classify(
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"fleet: {FLEET_SIZE} proxies x 1 worker behind HAProxy (mode tcp, roundrobin, "
-        f"GET /ready every {CHECK_INTER_MS} ms, fall/rise 2), {CLIENTS} keep-alive clients",
+        f"GET /ready every {CHECK_INTER_MS} ms, fall/rise 2), {CLIENTS} keep-alive clients, "
+        f"drain on SIGTERM: {report['drain_seconds'] or 'none (proxy has no drain_seconds)'}",
         f"total requests {report['total_requests']} (ok {report['total_ok']}) in "
         f"{report['load_seconds']} s; stale keep-alive connections dropped before use: "
         f"{report['stale_connections']}; requests resent after a failed write: "
@@ -544,10 +591,16 @@ def render(report: dict[str, Any]) -> str:
             f"closed before accepted {phase['closed_before_accepted']} "
             f"{phase['closed_before_accepted_servers'] or ''}, "
             f"processed but answer lost {phase['processed_but_answer_lost']}, "
-            f"retries {phase['retries'] or {}}, kinds {phase['kinds']}, "
-            f"last non-ok at +{phase['last_non_ok_after_s']} s, marks {phase['marks_s']}"
+            f"retried {sum(phase['retries'].values())} (still lost after the retry: "
+            f"{phase['lost_after_retry']}), kinds {phase['kinds']}, "
+            f"recovered (last non-ok answer) at +{phase['last_non_ok_after_s']} s, "
+            f"marks {phase['marks_s']}"
         )
-        lines.extend(f"    {detail}" for detail in phase["failed_detail"])
+        lines.extend(f"    failed: {detail}" for detail in phase["failed_detail"])
+        lines.extend(
+            f"    closed before accepted: {detail}"
+            for detail in phase["closed_before_accepted_detail"]
+        )
     lines.append(f"haproxy termination states: {report['haproxy_termination_states']}")
     return "\n".join(lines)
 
@@ -567,13 +620,17 @@ def fleet(softhsm_token: Any, tmp_path: Path) -> Iterator[tuple[list[Instance], 
     ]
     balancer: Balancer | None = None
     try:
+        # One after another: SoftHSMv2's file store has a race when several processes
+        # log in to one token at the same moment (one of them may find no token at all:
+        # SoftHSMv2 issue #757); started together, 3 of 15 trial fleets failed that way.
         for instance in instances:
             instance.start()
-        for instance in instances:
             instance.wait_serving()
         balancer = start_balancer(tmp_path, instances)
         yield instances, balancer
     finally:
+        for instance in instances:
+            instance.begin_stop()
         for instance in instances:
             instance.stop()
         if balancer is not None:
@@ -584,6 +641,23 @@ def fleet(softhsm_token: Any, tmp_path: Path) -> Iterator[tuple[list[Instance], 
                 balancer.process.kill()
                 balancer.process.wait()
             shutil.rmtree(balancer.stats_socket.parent, ignore_errors=True)
+
+
+def watch_stop(instance: Instance, balancer: Balancer, since: float) -> dict[str, float]:
+    """Seconds after ``since`` when the process exited and when HAProxy marked it DOWN."""
+    assert instance.process is not None
+    marks: dict[str, float] = {}
+    deadline = time.monotonic() + GRACEFUL_SHUTDOWN_SECONDS + 15
+    while len(marks) < 2:
+        assert time.monotonic() < deadline, f"{instance.name} did not stop: {marks}"
+        if "process_exited" not in marks and instance.process.poll() is not None:
+            marks["process_exited"] = time.monotonic() - since
+        if "haproxy_marked_down" not in marks and balancer.server_states().get(
+            instance.name, ""
+        ).startswith("DOWN"):
+            marks["haproxy_marked_down"] = time.monotonic() - since
+        time.sleep(0.01)
+    return marks
 
 
 def all_up(states: dict[str, str]) -> bool:
@@ -614,12 +688,9 @@ def test_fleet_survives_sigterm_and_sigkill(
         phases.append(graceful)
         victim = instances[0]
         assert victim.process is not None
-        victim.process.send_signal(signal.SIGTERM)
-        down = balancer.wait_for(lambda s: s.get(victim.name, "").startswith("DOWN"), 15)
-        graceful.marks["haproxy_marked_down"] = down - graceful.started
-        code = victim.process.wait(timeout=GRACEFUL_SHUTDOWN_SECONDS + 10)
-        graceful.marks["process_exited"] = time.monotonic() - graceful.started
-        assert code == 0, victim.log_text()[-3000:]
+        victim.begin_stop()
+        graceful.marks.update(watch_stop(victim, balancer, graceful.started))
+        assert victim.process.returncode == 0, victim.log_text()[-3000:]
         time.sleep(1.0)
         graceful.marks["restart_begun"] = time.monotonic() - graceful.started
         victim.start()
@@ -640,16 +711,14 @@ def test_fleet_survives_sigterm_and_sigkill(
     crash.ended = time.monotonic()
     load_seconds = crash.ended - load_started
 
-    # Let HAProxy write its log lines (one per closed connection), then read the logs.
-    for instance in instances:
-        if instance is not instances[1]:
-            instance.stop()
+    # HAProxy logs each connection when it closes: stop it, then read its log.
     balancer.process.terminate()
     balancer.process.wait(timeout=10)
     answered = set().union(*(i.request_ids() for i in instances))
     routes = balancer.connections()
     phase_report = classify(load.outcomes, phases, answered, routes, killed_phase="b_sigkill")
     report: dict[str, Any] = {
+        "drain_seconds": DRAIN_SECONDS if drain_supported() else None,
         "total_requests": len(load.outcomes),
         "total_ok": sum(1 for o in load.outcomes if o.kind == "ok"),
         "load_seconds": round(load_seconds, 2),
@@ -662,10 +731,16 @@ def test_fleet_survives_sigterm_and_sigkill(
     (tmp_path / "fleet-report.json").write_text(json.dumps(report, indent=2))
     (tmp_path / "fleet-report.txt").write_text(text + "\n")
     print("\n" + text)
-    for key in ("total_requests", "total_ok", "load_seconds", "stale_connections"):
+    for key in ("drain_seconds", "total_requests", "total_ok", "load_seconds", "stale_connections"):
         record_property(key, report[key])
     for name, phase in phase_report.items():
-        for key in ("requests", "failed", "closed_before_accepted", "last_non_ok_after_s"):
+        for key in (
+            "requests",
+            "failed",
+            "closed_before_accepted",
+            "lost_after_retry",
+            "last_non_ok_after_s",
+        ):
             record_property(f"{name}.{key}", phase[key])
         for mark, seconds in phase["marks_s"].items():
             record_property(f"{name}.{mark}", seconds)
@@ -673,15 +748,28 @@ def test_fleet_survives_sigterm_and_sigkill(
 
     base, a, b = (phase_report[n] for n in ("baseline", "a_sigterm", "b_sigkill"))
     assert base["failed"] == 0 and base["closed_before_accepted"] == 0, text
-    # a. Graceful shutdown and restart: no request failed. Connections closed before
-    # their request was accepted are reported above; every one was retried successfully.
+    # a. Graceful shutdown and restart: no request failed (no error answer, none
+    # processed and its answer lost, no timeout). Connections closed before their
+    # request was accepted are reported, not failed: without a drain the stopping
+    # instance stays in rotation until it exits (its /ready answers 200 to the end) and
+    # its port keeps queueing new connections nobody accepts, so even a retry can land
+    # there (seen in about 1 run in 10).
     assert a["failed"] == 0, text
-    assert a["retries"].get("ok", 0) == sum(a["retries"].values()), text
     assert a["requests"] > 200, text
-    # b. A crash loses only what was in flight on the killed instance: at most one
-    # request per client connection, none after HAProxy took it out, never an error
-    # answer from the survivors.
-    assert b["failed"] <= CLIENTS, text
+    if drain_supported():
+        # With a drain, the LB takes the instance out and clients leave it between two
+        # requests: not even a connection closed before its request was accepted.
+        assert a["closed_before_accepted"] == 0, text
+        assert a["lost_after_retry"] == 0, text
+    # b. A crash loses only what was in flight on the killed instance at that moment
+    # (cut before or after the response headers), plus at most the one retry a client
+    # made in the milliseconds before its death was complete: all on p1, all before
+    # HAProxy took it out, never an error answer or a timeout from the survivors.
+    assert b["failed"] <= 2 * CLIENTS, text
     assert set(b["failed_servers"]) <= {instances[1].name}, text
-    assert not any(k in b["kinds"] for k in ("status", "truncated", "connect_failed")), text
+    assert set(b["failed_kinds"]) <= {"no_response", "truncated"}, text
+    # (0.5 s of slack: the DOWN time is polled, a failure's end is when its thread ran.)
+    assert b["last_failure_after_s"] is None or (
+        b["last_failure_after_s"] <= b["marks_s"]["haproxy_marked_down"] + 0.5
+    ), text
     assert b["ok"] > 100, text

@@ -6,6 +6,7 @@ port of its own (spec: Load balancer health checks):
 - ``GET /ping``  200 while the process is up (liveness);
 - ``GET /ready`` 200 when the last deep health check (an AES-GCM round trip on the
   health-check key) succeeded less than ``READY_MAX_AGE_SECONDS`` ago, else 503;
+  503 ``draining`` from SIGTERM on, so the load balancer stops sending connections;
 - ``GET /metrics`` Prometheus metrics of all workers (never served on the API port).
 
 Bind it to an address the load balancer reaches, never to the public internet.
@@ -38,12 +39,15 @@ class HealthListener:
         self.key_manager = key_manager
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        self.draining = False  # set by the supervisor on SIGTERM; never cleared
         self.metrics = SupervisorMetrics(self.snapshot)
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
 
     def ready(self) -> bool:
+        if self.draining:
+            return False
         return self.last_ok is not None and time.monotonic() - self.last_ok < READY_MAX_AGE_SECONDS
 
     def check_once(self) -> None:
@@ -82,7 +86,9 @@ class HealthListener:
                 elif self.path == "/ready":
                     ready = listener.ready()
                     body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
-                    if not ready and listener.last_error:
+                    if listener.draining:
+                        body["status"] = "draining"
+                    elif not ready and listener.last_error:
                         body["reason"] = listener.last_error[:200]
                     self._answer(200 if ready else 503, body)
                 else:

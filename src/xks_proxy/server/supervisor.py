@@ -6,8 +6,13 @@
   bad, log why, record the failure and change nothing; if it is good, send it to
   every worker over its pipe, to apply in place, and record what each answered.
   Workers never read the file, so a restarted worker gets the last good config.
-- SIGTERM/SIGINT: workers stop accepting, finish in-flight requests, close idle
-  keep-alive connections and exit within ``graceful_shutdown_seconds``.
+- SIGTERM/SIGINT: first a drain of ``drain_seconds`` (if set): ``/ready`` answers 503
+  so the load balancer takes this instance out, and workers answer every request with
+  ``Connection: close`` so keep-alive clients reconnect (elsewhere) between requests
+  instead of having an idle connection closed under a request they are sending. Then
+  workers stop accepting, finish in-flight requests, close idle keep-alive connections
+  and exit within ``graceful_shutdown_seconds``. A second SIGTERM/SIGINT cuts the
+  drain short.
 - A worker that dies is replaced (with back-off); one that cannot start at all stops
   the proxy rather than crash-looping.
 """
@@ -32,7 +37,7 @@ from xks_proxy.keymanager.base import KeyManager
 from xks_proxy.observability.metrics import prepare_multiprocess_dir
 from xks_proxy.server import reload as reload_files
 from xks_proxy.server.health_listener import HealthListener
-from xks_proxy.server.worker import run_worker, tls_settings
+from xks_proxy.server.worker import DRAIN, run_worker, tls_settings
 
 logger = logging.getLogger("xks_proxy.supervisor")
 
@@ -72,6 +77,7 @@ class Supervisor:
         self.started_at: dict[int, float] = {}
         self.quick_failures = 0
         self.stopping = False
+        self.stop_signals = 0
         self.reload_requested = False
         self.state_dir = config.server.state_dir
         self.generation = reload_files.read_generation(self.state_dir / reload_files.STATUS_FILE)
@@ -112,6 +118,7 @@ class Supervisor:
             self.reload_requested = True
         else:
             self.stopping = True
+            self.stop_signals += 1
 
     def _spawn(self, index: int) -> None:
         assert self.socket is not None
@@ -173,8 +180,27 @@ class Supervisor:
                 if not self.stopping:
                     self._spawn(index)
             time.sleep(0.1)
+        self._drain()
         logger.info("shutting down")
         return 0
+
+    def _drain(self) -> None:
+        """Before stopping: leave the load balancer's rotation, move keep-alive clients on."""
+        seconds = self.config.server.drain_seconds
+        if seconds <= 0:
+            return
+        logger.info("draining for %d s: /ready answers 503, responses close connections", seconds)
+        if self.health is not None:
+            self.health.draining = True
+        for index, control in self.controls.items():
+            if self.workers[index].is_alive():
+                try:
+                    control.send(DRAIN)
+                except OSError:
+                    pass  # it is exiting anyway
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.stop_signals < 2:
+            time.sleep(0.1)
 
     def _check_certificate(self) -> None:
         """Warn every few hours from 30 days before the server certificate expires."""
@@ -201,6 +227,12 @@ class Supervisor:
         for process in self.workers.values():
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
+        # Each worker closes its copy of the listening socket as it starts shutting down;
+        # close ours too, so that the port refuses new connections (a load balancer
+        # retries them on another target) instead of queueing them in a backlog nobody
+        # accepts from any more, to be reset when this process exits.
+        if self.socket is not None:
+            self.socket.close()
         deadline = time.monotonic() + self.config.server.graceful_shutdown_seconds + 5
         for process in self.workers.values():
             process.join(max(0.0, deadline - time.monotonic()))

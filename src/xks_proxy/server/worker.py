@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("xks_proxy.worker")
 
+DRAIN = "drain"  # supervisor -> worker: answer with Connection: close from now on
+
 
 def tls_settings(tls: TlsConfig) -> TlsSettings:
     """The TLS module's settings from the config (imported lazily: plain HTTP needs none)."""
@@ -55,6 +57,7 @@ class Worker:
         self.index = index
         self.control = control
         self.service: XksService | None = None
+        self.draining = False
         self.tls_context: ssl.SSLContext | None = None
         if config.tls is not None:
             from xks_proxy.server.tls import PeerNamePolicy, build_server_context
@@ -63,7 +66,10 @@ class Worker:
             PeerNamePolicy.set_allowed(config.tls.client_names)
 
     def uvicorn_config(self) -> uvicorn.Config:
-        app = XksApp(lambda: build_service(self.config), on_started=self._started)
+        app = CloseWhenDraining(
+            XksApp(lambda: build_service(self.config), on_started=self._started),
+            lambda: self.draining,
+        )
         options: dict[str, Any] = uvicorn_options(self.config)
         if self.tls_context is not None:
             context = self.tls_context
@@ -90,6 +96,10 @@ class Worker:
             logger.error("worker %d lost its supervisor; exiting", self.index)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        if message == DRAIN:
+            self.draining = True
+            logger.info("worker %d draining: responses close their connections", self.index)
+            return
         generation, new_config = message
         self.control.send(self.apply(generation, new_config))
 
@@ -114,6 +124,33 @@ class Worker:
             return reload_files.ReloadResult(generation, False, message)
         logger.info("configuration reloaded (generation %d)", generation)
         return reload_files.ReloadResult(generation, True)
+
+
+class CloseWhenDraining:
+    """ASGI wrapper: while draining, every response carries ``Connection: close``.
+
+    uvicorn then closes the connection right after that response, and the client,
+    having read the header, opens its next connection through the load balancer (to
+    an instance still in rotation) instead of reusing this one. So no idle keep-alive
+    connection is left for the final shutdown to close under a request in flight.
+    """
+
+    def __init__(self, app: XksApp, draining: Callable[[], bool]) -> None:
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.draining():
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
 
 
 def run_worker(
