@@ -7,7 +7,7 @@
 | xks_external_key_manager_state{hsm,state}   | XksExternalKeyManagerStates     |
 | xks_proxy_credential_age_seconds            | XksProxyCredentialAge           |
 | xks_proxy_certificate_days_to_expire        | XksProxyCertificateDaysToExpire |
-| xks_proxy_throttled_total{key_store,reason} | ExternalKeyStoreThrottle        |
+| xks_proxy_throttled_total{key_store}        | ExternalKeyStoreThrottle        |
 
 Workers record into prometheus_client's multiprocess files (``<state_dir>/metrics``);
 the supervisor serves the merged view on the health/admin listener's ``/metrics`` —
@@ -44,7 +44,7 @@ class RequestMetrics:
     """What a worker records per request (about 5-10 us, measured in docs/performance.md)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Histogram
 
         self.latency = Histogram(
             "xks_proxy_latency_seconds",
@@ -66,15 +66,6 @@ class RequestMetrics:
             "xks_proxy_throttled_total",
             "Requests refused with ThrottlingException (KMS: ExternalKeyStoreThrottle)",
             ["key_store"],
-        )
-        self.hsm_latency = Histogram(
-            "xks_proxy_hsm_call_seconds",
-            "Time spent in one key-manager call",
-            ["call"],
-            buckets=LATENCY_BUCKETS,
-        )
-        self.in_flight = Gauge(
-            "xks_proxy_in_flight_requests", "Requests being processed", multiprocess_mode="livesum"
         )
         self._latency_children: dict[tuple[str, str], Any] = {}
 

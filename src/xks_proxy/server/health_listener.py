@@ -5,7 +5,8 @@ port of its own (spec: Load balancer health checks):
 
 - ``GET /ping``  200 while the process is up (liveness);
 - ``GET /ready`` 200 when the last deep health check (an AES-GCM round trip on the
-  health-check key) succeeded less than ``READY_MAX_AGE_SECONDS`` ago, else 503;
+  health-check key, every ``health.interval_seconds``) succeeded, and less than
+  ``READY_MAX_AGE_SECONDS`` ago; 503 as soon as one fails;
   503 ``draining`` from SIGTERM on, so the load balancer stops sending connections;
 - ``GET /metrics`` Prometheus metrics of all workers (never served on the API port).
 
@@ -28,7 +29,6 @@ from xks_proxy.observability.metrics import SupervisorMetrics, SupervisorSnapsho
 
 logger = logging.getLogger("xks_proxy.health")
 
-CHECK_INTERVAL_SECONDS = 10.0
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READY_MAX_AGE_SECONDS = 60.0
 
@@ -46,7 +46,8 @@ class HealthListener:
         self._threads: list[threading.Thread] = []
 
     def ready(self) -> bool:
-        if self.draining:
+        """Ready = the last deep check passed, recently. A failed check is not-ready at once."""
+        if self.draining or self.last_error is not None:
             return False
         return self.last_ok is not None and time.monotonic() - self.last_ok < READY_MAX_AGE_SECONDS
 
@@ -66,7 +67,7 @@ class HealthListener:
     def _check_loop(self) -> None:
         while not self._stop.is_set():
             self.check_once()
-            self._stop.wait(CHECK_INTERVAL_SECONDS)
+            self._stop.wait(self.config.health.interval_seconds)
 
     def start(self) -> None:
         port = self.config.server.health_port

@@ -90,6 +90,10 @@ def restart_needed_for(old: ProxyConfig, new: ProxyConfig) -> list[str]:
             changed.append(f"server.{name}")
     if old.hsms != new.hsms:
         changed.append("hsm")
+    if old.audit != new.audit:
+        changed.append("audit")
+    if old.health.degraded_latency_ms != new.health.degraded_latency_ms and len(new.hsms) > 1:
+        changed.append("health.degraded_latency_ms (failover)")
     if (old.tls is None) != (new.tls is None) or (
         old.tls is not None
         and new.tls is not None
