@@ -7,6 +7,8 @@ import base64
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_two_hsms_serve_one_fleet(tmp_path: Path) -> None:
     """Two tokens with the same key values: health lists both, ciphertexts made on either
-    decrypt on the other. (Losing one under traffic: tests/integration/test_failover_softhsm.py.)"""
+    decrypt on the other, and when one token breaks under traffic requests keep being
+    served by the other and health shows the broken one UNAVAILABLE."""
     values = {key.label: secrets.token_bytes(32) for key in DEMO_KEYS}
     values[HEALTH_CHECK_KEY_LABEL] = secrets.token_bytes(32)
     store = tmp_path / "softhsm"
@@ -64,7 +67,9 @@ def test_two_hsms_serve_one_fleet(tmp_path: Path) -> None:
     blocks = hsm_block.replace("[hsm]", '[[hsm]]\nname = "hsm-a"').replace(
         "[hsm.environment]", "[hsm.environment]"
     ) + second.replace("[hsm]", '[[hsm]]\nname = "hsm-b"')
-    config.write_text(text[:hsm_start] + blocks + text[hsm_end:])
+    config.write_text(
+        text[:hsm_start] + blocks + "[health]\ninterval_seconds = 2\n\n" + text[hsm_end:]
+    )
     proxy = start_proxy(config, tmp_path / "proxy.log", port)
     try:
         health = proxy.request(
@@ -74,6 +79,17 @@ def test_two_hsms_serve_one_fleet(tmp_path: Path) -> None:
             credential=CREDENTIAL,
         )
         assert health.status == 200, health.body
+
+        def health_now() -> list[dict[str, str]]:
+            reply = proxy.request(
+                "POST",
+                f"/{PREFIX}/kms/xks/v1/health",
+                {"requestMetadata": {"kmsRequestId": "h", "kmsOperation": "KmsHealthCheck"}},
+                credential=CREDENTIAL,
+            )
+            members: list[dict[str, str]] = reply.json["ekmFleetDetails"]
+            return members
+
         fleet = health.json["ekmFleetDetails"]
         assert [(m["id"], m["healthStatus"]) for m in fleet] == [
             ("hsm-a", "ACTIVE"),
@@ -114,6 +130,53 @@ def test_two_hsms_serve_one_fleet(tmp_path: Path) -> None:
         assert all(round_trip(i) for i in range(20))
         log = proxy.log_text()
         assert "hsm-a" in log and "hsm-b" in log
+
+        # Break token b under traffic (its files vanish). Repair after a token vanished
+        # from SoftHSM is covered in-process (tests/integration/test_failover_softhsm.py);
+        # at the process level its timing depends on the re-initialisation back-off.
+        token_b = next(
+            d
+            for d in (store / "tokens").iterdir()
+            if b"fleet-b" in (d / "token.object").read_bytes()
+        )
+        results: list[bool] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            index = 1000
+            while not stop.is_set():
+                index += 1
+                results.append(round_trip(index))
+
+        threads = [threading.Thread(target=traffic) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.5)
+            removed = store / "removed-fleet-b"  # outside the token directory: gone
+            token_b.rename(removed)
+            deadline = time.monotonic() + 15
+            states: dict[str, str] = {}
+            while time.monotonic() < deadline:
+                states = {m["id"]: m["healthStatus"] for m in health_now()}
+                if states.get("hsm-b") == "UNAVAILABLE":
+                    break
+                time.sleep(0.2)
+            assert states["hsm-b"] == "UNAVAILABLE", states
+            assert states["hsm-a"] in ("ACTIVE", "DEGRADED"), states  # serving meanwhile
+            time.sleep(1.0)  # traffic keeps flowing on hsm-a alone
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert len(results) > 50
+        # Known limit (see the closing note of this change and docs/operations.md): both
+        # test tokens share one PKCS#11 module, and rediscovering the repaired token needs
+        # a module re-initialisation that briefly interrupts the healthy token too, so a
+        # handful of requests at that moment fail with 500. With the tokens in separate
+        # modules (separate HSMs) nothing fails. Anything beyond that handful is a bug.
+        failed = results.count(False)
+        assert failed <= max(10, len(results) // 500), f"{failed} of {len(results)} failed"
     finally:
         proxy.stop()
 
