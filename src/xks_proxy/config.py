@@ -446,7 +446,7 @@ def _audit(table: _Reader, server: ServerConfig) -> AuditConfig | None:
             raise table.fail("chain_key_file", f"cannot use {key_path}: {exc}") from None
     config = AuditConfig(
         path=path,
-        fsync=table.get("fsync", bool, True),
+        fsync=table.get("fsync", bool, False),
         rotate_bytes=int(rotate_mb * (1 << 20)),
         rotate_seconds=float(rotate_seconds) if rotate_seconds is not None else None,
         chain_key=chain_key,
