@@ -101,7 +101,7 @@ ACCEPTED_DECRYPT_IV_BYTES = (12, 16)  # spec: 12 or 16; other HSMs make 16-byte 
 GCM_TAG_BITS = GCM_TAG_BYTES * 8
 HEALTH_CHECK_AAD = b"xks-proxy health check"
 
-_USAGE_ATTRIBUTES: tuple[tuple[str, Attribute], ...] = (
+USAGE_ATTRIBUTES: tuple[tuple[str, Attribute], ...] = (
     ("ENCRYPT", Attribute.ENCRYPT),
     ("DECRYPT", Attribute.DECRYPT),
     ("SIGN", Attribute.SIGN),
@@ -110,7 +110,7 @@ _USAGE_ATTRIBUTES: tuple[tuple[str, Attribute], ...] = (
     ("UNWRAP", Attribute.UNWRAP),
     ("DERIVE", Attribute.DERIVE),
 )
-assert tuple(name for name, _ in _USAGE_ATTRIBUTES) == USAGE_ORDER
+assert tuple(name for name, _ in USAGE_ATTRIBUTES) == USAGE_ORDER
 
 
 class KeyManagerStartupError(Exception):
@@ -1487,7 +1487,7 @@ def _find_key(session: pkcs11.Session, external_key_id: str) -> tuple[Any, KeyDe
         raise UnsupportedOperationException("the length of the external key cannot be read")
     if value_len != AES_256_KEY_BYTES:
         raise UnsupportedOperationException("external key is not an AES-256 key")
-    usage = tuple(name for name, attribute in _USAGE_ATTRIBUTES if _read_attribute(key, attribute))
+    usage = tuple(name for name, attribute in USAGE_ATTRIBUTES if _read_attribute(key, attribute))
     return key, KeyDescription(key_spec="AES_256", key_usage=usage, enabled=True)
 
 

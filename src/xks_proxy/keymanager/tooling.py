@@ -22,9 +22,9 @@ from typing import Any
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11_errors
 
-from xks_proxy.keymanager.base import USAGE_ORDER
 from xks_proxy.keymanager.pkcs11 import (
     AES_256_KEY_BYTES,
+    USAGE_ATTRIBUTES,
     AdminSession,
     Ckr,
     Pkcs11Settings,
@@ -39,16 +39,6 @@ log = logging.getLogger("xks_proxy.keys")
 
 AES_256_BITS = AES_256_KEY_BYTES * 8
 
-_USAGE_ATTRIBUTES: tuple[tuple[str, Attribute], ...] = (
-    ("ENCRYPT", Attribute.ENCRYPT),
-    ("DECRYPT", Attribute.DECRYPT),
-    ("SIGN", Attribute.SIGN),
-    ("VERIFY", Attribute.VERIFY),
-    ("WRAP", Attribute.WRAP),
-    ("UNWRAP", Attribute.UNWRAP),
-    ("DERIVE", Attribute.DERIVE),
-)
-assert tuple(name for name, _ in _USAGE_ATTRIBUTES) == USAGE_ORDER
 
 # Key sizes implied by the type where CKA_VALUE_LEN is not defined.
 _FIXED_KEY_BITS: dict[KeyType, int] = {KeyType.DES2: 128, KeyType.DES3: 192}
@@ -307,7 +297,7 @@ def _describe(
         size_bits = _FIXED_KEY_BITS.get(raw_type)
     else:
         size_bits = None
-    usages = tuple(name for name, attribute in _USAGE_ATTRIBUTES if _read(key, attribute) is True)
+    usages = tuple(name for name, attribute in USAGE_ATTRIBUTES if _read(key, attribute) is True)
     sensitive = _flag(_read(key, Attribute.SENSITIVE))
     extractable = _flag(_read(key, Attribute.EXTRACTABLE))
     health_check = label is not None and label == settings.health_check_key_label

@@ -365,29 +365,7 @@ class AuditLog:
         value, AuditLogError if the log is closed or its tail is not a valid record,
         OSError if the write fails.
         """
-        fields = dict(record)
-        _check_keys(fields)
-        reserved = _RESERVED_KEYS.intersection(fields)
-        if reserved:
-            raise ValueError(f"audit record fields {sorted(reserved)} are set by the audit log")
-        if "time" not in fields:
-            fields["time"] = _utc_now_iso()
-        if self._generation != _fork_generation:
-            self._reopen_after_fork()
-        with self._thread_lock:
-            if self._closed:
-                raise AuditLogError("audit log is closed")
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                record_hash, fd = self._append_locked(fields)
-                if self._fsync and self._fsync_under_flock:
-                    _fdatasync(fd)
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            # Under the thread lock still: no thread of ours can close this fd meanwhile.
-            if self._fsync and not self._fsync_under_flock:
-                _fdatasync(fd)
-        return record_hash
+        return self.append_many([record])[0]
 
     def append_many(self, records: Sequence[Mapping[str, Any]]) -> list[str]:
         """Write several records under one lock and one fsync (group commit).
