@@ -140,8 +140,8 @@ def main() -> None:
         ("baseline (no authz, no audit, no metrics)", False, "off", False),
         ("+ Cedar authorization (cache hits)", True, "off", False),
         ("+ metrics", False, "off", True),
-        ("+ audit, no fsync", False, "nofsync", False),
-        ("+ audit, fsync (default)", False, "fsync", False),
+        ("+ audit, no fsync (default)", False, "nofsync", False),
+        ("+ audit, fsync", False, "fsync", False),
         ("everything (authz + metrics + audit fsync)", True, "fsync", True),
     ]
     for name, authz, audit, with_metrics in scenarios:
