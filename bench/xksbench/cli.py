@@ -657,7 +657,7 @@ class Bench:
         """RSS of every worker at the end of the first goal and of the last one.
 
         Chunks are time-bounded wrk runs (each re-signs its pool, so none outlives the
-        signatures) with a request limit when the goal is near; wrk abandons
+        signatures) with a request limit so the goal is not overshot; wrk abandons
         up to --connections requests in flight when it stops, so the limit adds them and
         a goal counts as reached within twice that.
         """
@@ -697,8 +697,7 @@ class Bench:
                         pool, signed_at = self.signed_pool(target, args.memory_workload, size)
                         lua, _ = self.pool_files(pool, "memory")
                         # wrk stops sending at the limit; up to --connections are then lost
-                        near = remaining <= rate * seconds * 1.2
-                        limit = remaining + args.connections if near else 0
+                        limit = remaining + args.connections
                         result = self._memory_chunk(
                             server, target, lua, seconds, limit, state["served"]
                         )
