@@ -89,6 +89,12 @@ class HsmConfig:
     health_check_key_label: str
     sessions: int
     environment: Mapping[str, str]
+    # Recovery pace (seconds): first retry of a module re-initialisation or token
+    # re-discovery, doubling while it fails up to the maximum; and the longest wait
+    # for a pooled session or the module lock.
+    recovery_interval: float = 1.0
+    recovery_max_interval: float = 30.0
+    acquire_timeout: float = 1.0
 
     def __repr__(self) -> str:
         return (
@@ -144,6 +150,7 @@ class RuntimeLimits:
 class HealthConfig:
     interval_seconds: float = 10.0  # background deep health check period
     degraded_latency_ms: float = 50.0  # a health round trip slower than this is DEGRADED
+    probation_seconds: float = 30.0  # an HSM that failed stays DEGRADED this long after
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +365,7 @@ def parse_config(
     health = HealthConfig(
         interval_seconds=_number_in(health_table, "interval_seconds", 1, 30, 10.0),
         degraded_latency_ms=_number_in(health_table, "degraded_latency_ms", 1, 10_000, 50.0),
+        probation_seconds=_number_in(health_table, "probation_seconds", 0, 3600, 30.0),
     )
     health_table.check_unknown()
     audit = _audit(root.sub("audit"), server)
@@ -565,7 +573,14 @@ def _hsm(table: _Reader, index: int = 0) -> HsmConfig:
         # session per worker is fastest; more only help a module that is thread-safe.
         sessions=table.int_in("sessions", 1, 256, 1),
         environment=environment,
+        recovery_interval=_number_in(table, "recovery_interval_seconds", 0.1, 3600, 1.0),
+        recovery_max_interval=_number_in(table, "recovery_max_interval_seconds", 0.1, 3600, 30.0),
+        acquire_timeout=_number_in(table, "acquire_timeout_seconds", 0.01, 60, 1.0),
     )
+    if config.recovery_max_interval < config.recovery_interval:
+        raise table.fail(
+            "recovery_max_interval_seconds", "must be at least recovery_interval_seconds"
+        )
     table.check_unknown()
     return config
 

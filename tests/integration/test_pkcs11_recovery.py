@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1066,3 +1067,118 @@ def test_recovery_settings_are_checked(settings: Pkcs11Settings) -> None:
         Pkcs11KeyManager.open(
             dataclasses.replace(settings, recovery_interval=5.0, recovery_max_interval=1.0)
         )
+
+
+# ------------------------------------------- a token whose files vanish and come back
+
+
+def _vanishing_token(
+    softhsm_token: SoftHsmToken, tmp_path: Any, label: str
+) -> tuple[Pkcs11Settings, Any]:
+    """A token of its own in the shared SoftHSM directory, opened through a private copy
+    of libsofthsm2 (its own module instance, like a separate HSM); returns its settings
+    and its directory of files."""
+    token = provision_softhsm_token(
+        softhsm_token.conf_path.parent,
+        token_label=label,
+        pin=SECOND_PIN,
+        so_pin=SECOND_SO_PIN,
+        keys=[KeySpec("foo", True, True)],
+        health_check_key_label=HEALTH_CHECK_KEY_LABEL,
+        module_path=softhsm_token.module_path,
+    )
+    module_copy = tmp_path / f"libsofthsm2-{label}.so"
+    shutil.copyfile(softhsm_token.module_path, module_copy)
+    tokens_dir = softhsm_token.conf_path.parent / "tokens"
+    directory = next(
+        d for d in tokens_dir.iterdir() if label.encode() in (d / "token.object").read_bytes()
+    )
+    settings = Pkcs11Settings(
+        module_path=str(module_copy),
+        token_label=label,
+        slot=None,
+        pin=SECOND_PIN,
+        health_check_key_label=HEALTH_CHECK_KEY_LABEL,
+        sessions=2,
+        environment=token.environment,
+        recovery_interval=INTERVAL,
+        recovery_max_interval=MAX_INTERVAL,
+    )
+    return settings, directory
+
+
+def test_vanished_token_comes_back_without_restart(
+    softhsm_token: SoftHsmToken, tmp_path: Any
+) -> None:
+    # Issue 4: a failed HSM is repaired and used again without a restart. SoftHSM lists
+    # its tokens at C_Initialize, so finding a returned token needs a re-initialisation
+    # on every attempt, not just a new look at the slot list.
+    label = f"xks-vanish-{os.getpid()}"
+    settings, directory = _vanishing_token(softhsm_token, tmp_path, label)
+    manager = Pkcs11KeyManager.open(settings)
+    try:
+        round_trip(manager)
+        hidden = tmp_path / "hidden-token"
+        directory.rename(hidden)
+        try:
+            _, unexpected, slowest = _hammer(manager, 1.0, threads=2)
+            assert unexpected == [] and slowest < 0.5
+            with pytest.raises(InternalException):
+                manager.encrypt("foo", b"x", AAD)
+            attempts_while_gone = stats(manager).module_reinit_attempts
+            assert attempts_while_gone >= 2  # retried at the recovery pace, not once
+            assert attempts_while_gone <= 1 + 1.0 / INTERVAL  # ...and rate limited
+        finally:
+            hidden.rename(directory)
+        recover_within(manager, timeout=MAX_INTERVAL + 2.0)
+        round_trip(manager)
+        manager.health_check()
+    finally:
+        manager.close()
+
+
+def test_vanished_token_does_not_reinitialise_a_shared_module_again(
+    softhsm_token: SoftHsmToken, tmp_path: Any
+) -> None:
+    # Two tokens on one module instance (two partitions of one HSM): when one vanishes,
+    # re-initialising the module again and again to look for it would pull the other's
+    # sessions away each time. After the first re-initialisation the vanished one is
+    # only looked for in the slot list; the healthy one keeps working.
+    label = f"xks-vanish-shared-{os.getpid()}"
+    settings, directory = _vanishing_token(softhsm_token, tmp_path, label)
+    healthy_label = f"xks-stays-{os.getpid()}"
+    healthy_token = provision_softhsm_token(
+        softhsm_token.conf_path.parent,
+        token_label=healthy_label,
+        pin=SECOND_PIN,
+        so_pin=SECOND_SO_PIN,
+        keys=[KeySpec("foo", True, True)],
+        health_check_key_label=HEALTH_CHECK_KEY_LABEL,
+        module_path=softhsm_token.module_path,
+    )
+    assert healthy_token.token_label == healthy_label
+    healthy_settings = dataclasses.replace(settings, token_label=healthy_label)
+    healthy = Pkcs11KeyManager.open(healthy_settings)  # created first: the copy is loaded
+    vanishing = Pkcs11KeyManager.open(settings)
+    try:
+        assert vanishing._module is healthy._module
+        round_trip(vanishing)
+        hidden = tmp_path / "hidden-token"
+        directory.rename(hidden)
+        try:
+            _hammer(vanishing, 0.5, threads=2)
+            attempts = stats(vanishing).module_reinit_attempts
+            assert attempts <= 1
+            # From here on the healthy token must never fail.
+            for _ in range(3):
+                recover_within(healthy, timeout=MAX_INTERVAL + 2.0)
+            _, unexpected, _ = _hammer(vanishing, 1.0, threads=1)
+            assert unexpected == []
+            assert stats(vanishing).module_reinit_attempts == attempts
+            for _ in range(50):
+                round_trip(healthy)
+        finally:
+            hidden.rename(directory)
+    finally:
+        vanishing.close()
+        healthy.close()

@@ -140,3 +140,25 @@ def test_load_config_reports_toml_errors(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_hsm_recovery_pace_and_probation() -> None:
+    # Issue 4: the PKCS#11 recovery pace and the failover probation are operator settings.
+    default = parse(document())
+    assert (default.hsm.recovery_interval, default.hsm.recovery_max_interval) == (1.0, 30.0)
+    assert default.hsm.acquire_timeout == 1.0 and default.health.probation_seconds == 30.0
+    doc = document(health={"probation_seconds": 5})
+    doc["hsm"].update(
+        recovery_interval_seconds=0.5, recovery_max_interval_seconds=4, acquire_timeout_seconds=0.2
+    )
+    config = parse(doc)
+    assert (config.hsm.recovery_interval, config.hsm.recovery_max_interval) == (0.5, 4.0)
+    assert config.hsm.acquire_timeout == 0.2 and config.health.probation_seconds == 5.0
+    backwards = document()
+    backwards["hsm"].update(recovery_interval_seconds=10, recovery_max_interval_seconds=2)
+    with pytest.raises(ConfigError, match=r"hsm\.recovery_max_interval_seconds"):
+        parse(backwards)
+    zero = document()
+    zero["hsm"].update(recovery_interval_seconds=0)
+    with pytest.raises(ConfigError, match=r"hsm\.recovery_interval_seconds"):
+        parse(zero)

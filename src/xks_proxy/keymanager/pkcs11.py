@@ -1202,6 +1202,12 @@ class Pkcs11KeyManager:
         except (p11_errors.PKCS11Error, _TokenMissing, _LoginRefused) as exc:
             if isinstance(exc, _TokenMissing):
                 reason = str(exc)
+                if module.users == 1:
+                    # Many modules (SoftHSM among them) list the tokens they found at
+                    # C_Initialize: a token that came back is only seen after another
+                    # re-initialisation. Never when other key managers share the module:
+                    # that would pull their sessions away every time.
+                    self._want_reinit(module.generation, reason)
             elif isinstance(exc, _LoginRefused):
                 reason = f"the token refused the PIN ({exc}); correct it and restart the proxy"
             else:

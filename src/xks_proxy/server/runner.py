@@ -32,6 +32,9 @@ def pkcs11_settings(hsm: HsmConfig) -> Pkcs11Settings:
         health_check_key_label=hsm.health_check_key_label,
         sessions=hsm.sessions,
         environment=dict(hsm.environment),
+        acquire_timeout=hsm.acquire_timeout,
+        recovery_interval=hsm.recovery_interval,
+        recovery_max_interval=hsm.recovery_max_interval,
     )
 
 
@@ -59,7 +62,11 @@ def open_key_manager(config: ProxyConfig) -> KeyManager:
         raise
     if len(opened) == 1:
         return opened[0][1]
-    failover = FailoverKeyManager(opened, degraded_latency_ms=config.health.degraded_latency_ms)
+    failover = FailoverKeyManager(
+        opened,
+        degraded_latency_ms=config.health.degraded_latency_ms,
+        recovery_seconds=config.health.probation_seconds,
+    )
     failover.start_probing(config.health.interval_seconds)
     return failover
 
@@ -92,8 +99,10 @@ def restart_needed_for(old: ProxyConfig, new: ProxyConfig) -> list[str]:
         changed.append("hsm")
     if old.audit != new.audit:
         changed.append("audit")
-    if old.health.degraded_latency_ms != new.health.degraded_latency_ms and len(new.hsms) > 1:
-        changed.append("health.degraded_latency_ms (failover)")
+    if len(new.hsms) > 1:
+        for name in ("degraded_latency_ms", "probation_seconds"):
+            if getattr(old.health, name) != getattr(new.health, name):
+                changed.append(f"health.{name} (failover)")
     if (old.tls is None) != (new.tls is None) or (
         old.tls is not None
         and new.tls is not None
