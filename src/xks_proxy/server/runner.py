@@ -14,6 +14,7 @@ from xks_proxy.config import HsmConfig, ProxyConfig
 from xks_proxy.keymanager.base import KeyManager
 from xks_proxy.keymanager.failover import FailoverKeyManager
 from xks_proxy.keymanager.pkcs11 import KeyManagerStartupError, Pkcs11KeyManager, Pkcs11Settings
+from xks_proxy.server.protocol import XksHttpToolsProtocol
 from xks_proxy.service import XksService
 
 logger = logging.getLogger("xks_proxy.server")
@@ -77,7 +78,10 @@ def build_service(config: ProxyConfig) -> XksService:
 
 def uvicorn_options(config: ProxyConfig) -> dict[str, Any]:
     return {
-        "http": "httptools",
+        "http": XksHttpToolsProtocol,  # httptools, one write per response
+        # No X-Forwarded-* handling: the proxy sits behind TCP load balancers, and the
+        # middleware would cost every request a wrapper call for nothing.
+        "proxy_headers": False,
         "loop": "uvloop",
         "lifespan": "on",
         "access_log": False,

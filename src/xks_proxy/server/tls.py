@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from xks_proxy.server import handshake_alert
+from xks_proxy.server.protocol import XksHttpToolsProtocol
 
 __all__ = [
     "ALPN_PROTOCOLS",
@@ -583,8 +583,9 @@ class PeerNamePolicy:
         return peer_name_allowed(peercert, cls.allowed)
 
 
-class MtlsHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol that first checks the client certificate's name.
+class MtlsHttpToolsProtocol(XksHttpToolsProtocol):
+    """Our httptools protocol (one write per response), first checking the client
+    certificate's name.
 
     asyncio and uvloop call ``connection_made`` only after the TLS handshake has
     completed (and, with CERT_REQUIRED, the client certificate has been verified
