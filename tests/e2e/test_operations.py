@@ -252,8 +252,15 @@ def test_metrics_across_workers(two_worker_proxy: tuple[ProxyProcess, Path, int]
         assert status_with(proxy.port, CREDENTIAL) == 200
     for _ in range(7):
         assert status_with(proxy.port, ("Invalid" + CREDENTIAL[0], CREDENTIAL[1])) == 401
-    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+    # Workers flush their counts every 0.5 s (FLUSH_SECONDS): wait for them.
+    deadline = time.monotonic() + 5
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        flushed = 'error_name="AuthenticationFailedException"} 7.0' in text
+        if flushed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert metric_value(text, "xks_proxy_requests_total", operation="Encrypt", status="200") >= 30
     assert (
         metric_value(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,50 +41,90 @@ def prepare_multiprocess_dir(state_dir: Path) -> Path:
     return directory
 
 
+FLUSH_SECONDS = 0.5  # a worker's counts reach the shared files at least this often
+
+
 class RequestMetrics:
-    """What a worker records per request (about 5-10 us, measured in docs/performance.md)."""
+    """What a worker records per request, counted in process and flushed in batches.
 
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+    Writing each observation through prometheus_client's multiprocess values costs
+    ~10-20 us per request (a lock and several mmap writes). Here a request only bumps
+    local counters (~1 us); :meth:`flush` adds them to the shared files every
+    :data:`FLUSH_SECONDS` (the worker schedules it) and at shutdown. A scrape may
+    therefore lag the requests by up to that long.
+    """
 
+    def __init__(self, registry: Any = None) -> None:
+        """``registry``: where the metrics live (prometheus_client's default if None)."""
+        from prometheus_client import REGISTRY, Counter, Histogram
+
+        registry = REGISTRY if registry is None else registry
         self.latency = Histogram(
             "xks_proxy_latency_seconds",
             "XKS API request latency (KMS: XksProxyLatency)",
             ["operation", "status"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.requests = Counter(
             "xks_proxy_requests_total",
             "XKS API requests by outcome",
             ["operation", "status", "error_name", "key_store"],
+            registry=registry,
         )
         self.errors = Counter(
             "xks_proxy_errors_total",
             "XKS API error answers (KMS: XksProxyErrors)",
             ["operation", "error_name"],
+            registry=registry,
         )
         self.throttled = Counter(
             "xks_proxy_throttled_total",
             "Requests refused with ThrottlingException (KMS: ExternalKeyStoreThrottle)",
             ["key_store"],
+            registry=registry,
         )
-        self._latency_children: dict[tuple[str, str], Any] = {}
+        # Pending since the last flush: counts per request label set, and per
+        # (operation, status) the latency histogram's per-bucket counts and sum.
+        self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._latencies: dict[tuple[str, str], list[float]] = {}
 
     def observe(self, log: dict[str, Any], seconds: float) -> None:
-        operation = str(log.get("operation", "Unknown"))
-        status = str(log.get("status", 0))
-        key = (operation, status)
-        child = self._latency_children.get(key)
-        if child is None:
-            child = self._latency_children[key] = self.latency.labels(operation, status)
-        child.observe(seconds)
-        error_name = log.get("errorName")
-        key_store = str(log.get("keyStore", ""))
-        self.requests.labels(operation, status, error_name or "", key_store).inc()
-        if error_name:
-            self.errors.labels(operation, error_name).inc()
-            if error_name == "ThrottlingException":
-                self.throttled.labels(key_store).inc()
+        key = (
+            str(log.get("operation", "Unknown")),
+            str(log.get("status", 0)),
+            log.get("errorName") or "",
+            str(log.get("keyStore", "")),
+        )
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        latency_key = (key[0], key[1])
+        pending = self._latencies.get(latency_key)
+        if pending is None:
+            # One slot per bucket (the last is +Inf), then the sum of the observations.
+            pending = self._latencies[latency_key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        pending[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        pending[-1] += seconds
+
+    def flush(self) -> None:
+        """Add the pending counts to the shared metrics files."""
+        counts, self._counts = self._counts, {}
+        latencies, self._latencies = self._latencies, {}
+        for (operation, status, error_name, key_store), count in counts.items():
+            self.requests.labels(operation, status, error_name, key_store).inc(count)
+            if error_name:
+                self.errors.labels(operation, error_name).inc(count)
+                if error_name == "ThrottlingException":
+                    self.throttled.labels(key_store).inc(count)
+        for (operation, status), pending in latencies.items():
+            child = self.latency.labels(operation, status)
+            # prometheus_client keeps one value per bucket (not cumulative) and a sum;
+            # adding to them is what observe() does one observation at a time
+            # (tests/unit/test_metrics.py compares the two).
+            for bucket, observed in zip(child._buckets, pending, strict=False):
+                if observed:
+                    bucket.inc(observed)
+            child._sum.inc(pending[-1])
 
 
 @dataclass(slots=True)

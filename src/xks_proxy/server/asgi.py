@@ -6,6 +6,7 @@ the request to the service, write the single-line JSON answer, and log the reque
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from xks_proxy.observability.logging import log_request
-from xks_proxy.observability.metrics import MULTIPROC_ENV, RequestMetrics
+from xks_proxy.observability.metrics import FLUSH_SECONDS, MULTIPROC_ENV, RequestMetrics
 from xks_proxy.protocol.errors import InternalException, UnsupportedOperationException
 from xks_proxy.service import JSON_HEADERS, XksService, error_body, error_outcome
 
@@ -65,6 +66,8 @@ class XksApp:
                 try:
                     self.service = self.service_factory()
                     self.service.start()
+                    if self.metrics is not None:
+                        self._flush_metrics_later()
                     if self.on_started is not None:
                         self.on_started(self.service)
                 except Exception as exc:
@@ -73,10 +76,23 @@ class XksApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.metrics is not None:
+                    self.metrics.flush()
                 if self.service is not None:
                     self.service.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _flush_metrics_later(self) -> None:
+        asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_metrics)
+
+    def _flush_metrics(self) -> None:
+        assert self.metrics is not None
+        try:
+            self.metrics.flush()
+        except Exception as exc:  # metrics must never take the worker down
+            logger.error("metrics flush failed: %s", exc)
+        self._flush_metrics_later()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
