@@ -7,6 +7,7 @@ ever puts metadata, identifiers and our own error messages into a log record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -62,11 +63,18 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     logging.getLogger("uvicorn.access").disabled = True
 
 
+PIPE_BUF = 4096  # writes up to this size to a pipe are never interleaved (POSIX)
+
+
 class _RequestLog:
     """The per-request line, written without the logging module's machinery.
 
-    It is the one log line on the hot path: one orjson call and one write() per
-    request (a line up to PIPE_BUF bytes is never interleaved with another worker's).
+    It is the one log line on the hot path: one orjson call per request. Inside a
+    running event loop, the lines of one loop step are written together at the end of
+    it (call_soon): fewer write() calls, each of which would also hand the GIL to the
+    HSM or audit thread and make the loop wait to get it back. Each write holds whole
+    lines and at most PIPE_BUF bytes (a longer line alone), so lines from several
+    workers sharing a pipe never interleave. Outside a loop a line is written at once.
     Same shape as JsonFormatter's lines.
     """
 
@@ -75,6 +83,8 @@ class _RequestLog:
         self.pid = os.getpid()
         self._second = -1
         self._prefix = ""
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
 
     def _time(self, now: float) -> str:
         second = int(now)
@@ -88,6 +98,8 @@ class _RequestLog:
             return
         if self.pid != os.getpid():  # a new process (spawned worker) has its own pid
             self.pid = os.getpid()
+            self._pending.clear()
+            self._flush_scheduled = False
         line: dict[str, Any] = {
             "time": self._time(time.time()),
             "level": "info",
@@ -95,7 +107,35 @@ class _RequestLog:
             "pid": self.pid,
         }
         line.update(fields)
-        data = orjson.dumps(line, default=str) + b"\n"
+        self._pending.append(orjson.dumps(line, default=str) + b"\n")
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every pending line (whole lines, at most PIPE_BUF bytes per write)."""
+        self._flush_scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        chunk: list[bytes] = []
+        size = 0
+        for line in pending:
+            if chunk and size + len(line) > PIPE_BUF:
+                self._emit(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._emit(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+
+    def _emit(self, data: bytes) -> None:
         stream = self.stream
         if stream is None:
             try:
@@ -112,5 +152,10 @@ _request_log = _RequestLog()
 
 
 def log_request(fields: dict[str, Any]) -> None:
-    """Write one request line."""
+    """Write one request line (at the end of the current event-loop step)."""
     _request_log.write(fields)
+
+
+def flush_request_log() -> None:
+    """Write the request lines still pending (at shutdown)."""
+    _request_log.flush()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from xks_proxy.observability.logging import log_request
+from xks_proxy.observability.logging import flush_request_log, log_request
 from xks_proxy.observability.metrics import FLUSH_SECONDS, MULTIPROC_ENV, RequestMetrics
 from xks_proxy.protocol.errors import InternalException, UnsupportedOperationException
 from xks_proxy.service import JSON_HEADERS, XksService, error_body, error_outcome
@@ -80,6 +80,7 @@ class XksApp:
                     self.metrics.flush()
                 if self.service is not None:
                     self.service.close()
+                flush_request_log()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

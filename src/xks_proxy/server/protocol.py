@@ -78,5 +78,5 @@ class XksHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol writing each response with one ``send()``."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        corked: Any = CorkedTransport(transport, asyncio.get_running_loop())
+        corked: Any = CorkedTransport(transport, self.loop)
         super().connection_made(corked)
