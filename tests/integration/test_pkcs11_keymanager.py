@@ -381,7 +381,7 @@ def test_info_describes_the_token(key_manager: Pkcs11KeyManager) -> None:
 
 def _pooled_places(manager: Pkcs11KeyManager) -> list[Any]:
     # White-box: reach into the pool to break sessions behind the adapter's back.
-    return list(manager._pool._idle.queue)
+    return list(manager._pool.places)
 
 
 # python-pkcs11 reports the failed C_FindObjectsFinal of its abandoned search context

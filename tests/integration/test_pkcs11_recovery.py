@@ -312,7 +312,8 @@ def messages(caplog: pytest.LogCaptureFixture) -> str:
 
 def session_handles(manager: Pkcs11KeyManager) -> set[int]:
     # White-box: the pool's idle places (every place, when no call is running).
-    return {p.session.handle for p in manager._pool._idle.queue if p.session is not None}
+    places = [p.session for p in manager._pool.places if p.session is not None]
+    return {session.handle for session in places}  # type: ignore[attr-defined]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
@@ -386,7 +387,7 @@ def test_sessions_closed_behind_the_adapters_back(manager: Pkcs11KeyManager) -> 
     module = manager._module
     attempts = stats(manager).module_reinit_attempts
     with module.lock:  # as the adapter would: never two threads in the module
-        for place in manager._pool._idle.queue:
+        for place in manager._pool.places:
             assert place.session is not None
             place.session.close()
     for _ in range(3 * manager._pool.size):
@@ -476,7 +477,7 @@ def test_device_failure_reinitialises_the_module(
     assert after.resyncs == before.resyncs + 1
     assert not after.recovering
     # Every pooled session was reopened in the new generation.
-    assert {place.generation for place in manager._pool._idle.queue} == {after.generation}
+    assert {place.generation for place in manager._pool.places} == {after.generation}
     text = messages(caplog)
     assert "will be re-initialised" in text
     assert "re-initialising it (C_Finalize, C_Initialize)" in text
@@ -527,7 +528,7 @@ def test_key_handles_of_an_old_generation_are_never_used(
         manager.encrypt(KNOWN_LABEL, b"x", AAD)
     for _ in range(2 * manager._pool.size):
         assert_known_key_is_used(manager)
-    for place in manager._pool._idle.queue:
+    for place in manager._pool.places:
         assert place.generation == manager._module.generation
 
 
