@@ -59,7 +59,7 @@ from xks_proxy.protocol.models import (
     XksResponse,
 )
 from xks_proxy.protocol.routing import Route, parse_path, validate_external_key_id
-from xks_proxy.protocol.validate import parse_request
+from xks_proxy.protocol.validate import parse_request, request_ids_of
 from xks_proxy.throttle import InFlightLimit, KeyStoreQuotas
 
 logger = logging.getLogger("xks_proxy.service")
@@ -248,6 +248,10 @@ class XksService:
         except MethodNotAllowed as error:
             return error_outcome(error, ALLOW_POST_HEADERS, log)
         except XksError as error:
+            if "accessKeyId" in log and "kmsRequestId" not in log:
+                # Signed, but refused before its metadata was read (key store, kill
+                # switch, quota) or invalid: KMS's request id still belongs in the log.
+                log.update(request_ids_of(body))
             return error_outcome(error, JSON_HEADERS, log)
         except Exception:
             logger.exception("unexpected error while handling a request")

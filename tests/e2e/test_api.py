@@ -475,3 +475,21 @@ def test_request_log_has_metadata_and_never_secrets(proxy: Proxy) -> None:
         OTHER_CREDENTIAL[1].encode(),
     ):
         assert secret.decode() not in log
+
+
+def test_refused_signed_requests_still_log_their_kms_request_id(proxy: Proxy) -> None:
+    """Spec: Logging — kmsRequestId is in the log line of a request refused for its
+    content (400 ValidationException), not only of requests that succeed."""
+    body = encrypt_body(b"x" * 16)
+    body["plaintext"] = "not base64 at all!"
+    request_id = body["requestMetadata"]["kmsRequestId"]
+    refused = proxy.call("keys/foo/encrypt", body)
+    assert refused.status == 400 and refused.json["errorName"] == "ValidationException"
+    time.sleep(0.3)
+    lines = [
+        json.loads(line) for line in proxy.process.log_text().splitlines() if line.startswith("{")
+    ]
+    mine = [line for line in lines if line.get("kmsRequestId") == request_id]
+    assert len(mine) == 1, "the refused request's line lacks its kmsRequestId"
+    assert mine[0]["errorName"] == "ValidationException"
+    assert mine[0]["kmsOperation"] == "GenerateDataKey"

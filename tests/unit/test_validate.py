@@ -20,7 +20,7 @@ from xks_proxy.protocol.models import (
     GetKeyMetadataRequest,
     XksOperation,
 )
-from xks_proxy.protocol.validate import RequestLimits, decode_b64, parse_request
+from xks_proxy.protocol.validate import RequestLimits, decode_b64, parse_request, request_ids_of
 
 ARN = "arn:aws:iam::123456789012:user/Alice"
 KEY_ARN = "arn:aws:kms:us-east-2:123456789012:/key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -294,3 +294,26 @@ def test_arbitrary_json_objects_only_raise_xks_errors(document: dict[str, Any]) 
             parse_request(operation, body)
         except XksError as error:
             assert error.status in (400, 501)
+
+
+@pytest.mark.parametrize(
+    ("body", "ids"),
+    [
+        (
+            encrypt_body(plaintext="not base64!"),
+            {"kmsRequestId": "4112f4d6-db54-4af4-ae30-c55a22a8dfae", "kmsOperation": "Encrypt"},
+        ),
+        (
+            b'{"requestMetadata": {"kmsRequestId": "' + b"r" * 300 + b'"}}',
+            {"kmsRequestId": "r" * 128},
+        ),
+        (b'{"requestMetadata": {"kmsRequestId": 7, "kmsOperation": ""}}', {}),
+        (b'{"requestMetadata": "x"}', {}),
+        (b"[1, 2]", {}),
+        (b"{not json", {}),
+        (b"", {}),
+    ],
+)
+def test_request_ids_of_a_refused_body(body: bytes, ids: dict[str, str]) -> None:
+    # Spec: Logging — requests refused for their content still log kmsRequestId.
+    assert request_ids_of(body) == ids

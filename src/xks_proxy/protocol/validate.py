@@ -83,6 +83,31 @@ def parse_request(
     return _decrypt(document, limits)
 
 
+LOGGED_ID_CHARS = 128
+
+
+def request_ids_of(body: bytes) -> dict[str, str]:
+    """kmsRequestId and kmsOperation from a body that failed validation, for the log.
+
+    Best effort and never raising: whatever string values requestMetadata holds under
+    those names, cut to LOGGED_ID_CHARS. Only for signed requests (the signature
+    covers the body, so the values are what KMS sent).
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    metadata = document.get("requestMetadata") if isinstance(document, dict) else None
+    if not isinstance(metadata, dict):
+        return {}
+    ids: dict[str, str] = {}
+    for name in ("kmsRequestId", "kmsOperation"):
+        value = metadata.get(name)
+        if isinstance(value, str) and value:
+            ids[name] = value[:LOGGED_ID_CHARS]
+    return ids
+
+
 def _load_object(body: bytes) -> dict[str, Any]:
     try:
         document = orjson.loads(body)
