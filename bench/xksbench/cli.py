@@ -551,7 +551,7 @@ class Bench:
         self.phases["closed"] = out
 
     def phase_open(self) -> None:
-        from .environment import loadavg, machine_share, python_env, system_cpu
+        from .environment import loadavg, machine_share, system_cpu
         from .wrk import children_cpu
 
         args = self.args
@@ -570,31 +570,14 @@ class Bench:
             machine_before = system_cpu()
             children_before = children_cpu()
             load = loadavg()
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "xksbench.openloop",
-                    "--pool",
-                    str(pool_json),
-                    "--port",
-                    str(target.port),
-                    "--rate",
-                    str(args.rate),
-                    "--duration",
-                    str(args.open_duration),
-                    "--warmup",
-                    str(args.open_warmup),
-                    "--connections",
-                    str(args.open_connections),
-                    "--progress-every",
-                    "2" if args.quick else "5",
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-                env=python_env(),
-                timeout=args.open_duration + args.open_warmup + 120,
-                check=False,
+            done = run_open_loop(
+                pool_json,
+                target.port,
+                rate=args.rate,
+                duration=args.open_duration,
+                warmup=args.open_warmup,
+                connections=args.open_connections,
+                progress_every=2 if args.quick else 5,
             )
             after = server.cpu_seconds()
             machine_after = system_cpu()
@@ -767,6 +750,48 @@ class Bench:
             progress=progress,
             progress_every=10.0,
         )
+
+
+def run_open_loop(
+    pool_json: Path,
+    port: int,
+    *,
+    rate: float,
+    duration: float,
+    warmup: float,
+    connections: int,
+    progress_every: float,
+) -> subprocess.CompletedProcess[str]:
+    """Run the open-loop generator (xksbench.openloop) to completion; its last stdout
+    line is the JSON result."""
+    from .environment import python_env
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xksbench.openloop",
+            "--pool",
+            str(pool_json),
+            "--port",
+            str(port),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--connections",
+            str(connections),
+            "--progress-every",
+            str(progress_every),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+        timeout=duration + warmup + 120,
+        check=False,
+    )
 
 
 def tls_probe(target: Any) -> str:
