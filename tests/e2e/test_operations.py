@@ -276,6 +276,7 @@ def test_metrics_across_workers(two_worker_proxy: tuple[ProxyProcess, Path, int]
         >= 30
     )
     assert metric_value(text, "xks_external_key_manager_state", state="ACTIVE") == 1
+    assert metric_value(text, "xks_proxy_event_loop_lag_seconds_count") > 0  # ticks every 0.1 s
     assert metric_value(text, "xks_proxy_credential_age_seconds", access_key_id=CREDENTIAL[0]) >= 0
     assert (
         metric_value(text, "xks_proxy_credential_age_seconds", access_key_id=SECOND_CREDENTIAL[0])

@@ -6,10 +6,12 @@ import random
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from xks_proxy.observability.metrics import LATENCY_BUCKETS, RequestMetrics
+from xks_proxy.observability.metrics import LATENCY_BUCKETS, LOOP_LAG_BUCKETS, RequestMetrics
 
 
-def reference(registry: CollectorRegistry) -> tuple[Histogram, Counter, Counter, Counter]:
+def reference(
+    registry: CollectorRegistry,
+) -> tuple[Histogram, Counter, Counter, Counter, Histogram]:
     return (
         Histogram(
             "xks_proxy_latency_seconds",
@@ -36,6 +38,13 @@ def reference(registry: CollectorRegistry) -> tuple[Histogram, Counter, Counter,
             ["key_store"],
             registry=registry,
         ),
+        Histogram(
+            "xks_proxy_event_loop_lag_seconds",
+            "How late each worker's event loop ran a 100 ms timer: a stall of the loop "
+            "delays every request of that worker",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        ),
     )
 
 
@@ -53,7 +62,7 @@ def samples(registry: CollectorRegistry) -> dict[str, float]:
 def test_flush_equals_one_observe_per_request() -> None:
     batched_registry, direct_registry = CollectorRegistry(), CollectorRegistry()
     batched = RequestMetrics(registry=batched_registry)
-    latency, requests, errors, throttled = reference(direct_registry)
+    latency, requests, errors, throttled, loop_lag = reference(direct_registry)
     rng = random.Random(7)
     outcomes = [
         ("Encrypt", 200, None, "main"),
@@ -70,6 +79,8 @@ def test_flush_equals_one_observe_per_request() -> None:
             log["errorName"] = error
         batched.observe(log, seconds)
         latency.labels(operation, str(status)).observe(seconds)
+        batched.observe_loop_lag(seconds / 3)
+        loop_lag.observe(seconds / 3)
         requests.labels(operation, str(status), error or "", store).inc()
         if error:
             errors.labels(operation, error).inc()
@@ -83,3 +94,4 @@ def test_flush_equals_one_observe_per_request() -> None:
     direct = samples(direct_registry)
     assert samples(batched_registry) == direct
     assert direct['xks_proxy_latency_seconds_count{operation="Encrypt",status="200"}'] > 50
+    assert direct["xks_proxy_event_loop_lag_seconds_count"] == len(latencies)

@@ -8,6 +8,7 @@
 | xks_proxy_credential_age_seconds            | XksProxyCredentialAge           |
 | xks_proxy_certificate_days_to_expire        | XksProxyCertificateDaysToExpire |
 | xks_proxy_throttled_total{key_store}        | ExternalKeyStoreThrottle        |
+| xks_proxy_event_loop_lag_seconds            | (none: our own stall detector)  |
 
 Workers record into prometheus_client's multiprocess files (``<state_dir>/metrics``);
 the supervisor serves the merged view on the health/admin listener's ``/metrics`` —
@@ -29,6 +30,7 @@ from typing import Any
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0)
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 HSM_STATES = ("ACTIVE", "DEGRADED", "UNAVAILABLE")
 
 
@@ -42,6 +44,31 @@ def prepare_multiprocess_dir(state_dir: Path) -> Path:
 
 
 FLUSH_SECONDS = 0.5  # a worker's counts reach the shared files at least this often
+
+
+class _PendingHistogram:
+    """Observations of one histogram child not yet in the shared files: one count per
+    bucket (the last is +Inf, as prometheus_client stores them) and their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def add_to(self, child: Any) -> None:
+        # prometheus_client keeps one value per bucket (not cumulative) and a sum;
+        # adding to them is what observe() does one observation at a time
+        # (tests/unit/test_metrics.py compares the two).
+        for bucket, observed in zip(child._buckets, self.counts, strict=True):
+            if observed:
+                bucket.inc(observed)
+        child._sum.inc(self.total)
 
 
 class RequestMetrics:
@@ -84,10 +111,18 @@ class RequestMetrics:
             ["key_store"],
             registry=registry,
         )
+        self.loop_lag = Histogram(
+            "xks_proxy_event_loop_lag_seconds",
+            "How late each worker's event loop ran a 100 ms timer: a stall of the loop "
+            "delays every request of that worker",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
         # Pending since the last flush: counts per request label set, and per
-        # (operation, status) the latency histogram's per-bucket counts and sum.
+        # (operation, status) the latency histogram's observations.
         self._counts: dict[tuple[str, str, str, str], int] = {}
-        self._latencies: dict[tuple[str, str], list[float]] = {}
+        self._latencies: dict[tuple[str, str], _PendingHistogram] = {}
+        self._loop_lag = _PendingHistogram(LOOP_LAG_BUCKETS)
 
     def observe(self, log: dict[str, Any], seconds: float) -> None:
         key = (
@@ -101,10 +136,11 @@ class RequestMetrics:
         latency_key = (key[0], key[1])
         pending = self._latencies.get(latency_key)
         if pending is None:
-            # One slot per bucket (the last is +Inf), then the sum of the observations.
-            pending = self._latencies[latency_key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        pending[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        pending[-1] += seconds
+            pending = self._latencies[latency_key] = _PendingHistogram(LATENCY_BUCKETS)
+        pending.observe(seconds)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(seconds)
 
     def flush(self) -> None:
         """Add the pending counts to the shared metrics files."""
@@ -117,14 +153,10 @@ class RequestMetrics:
                 if error_name == "ThrottlingException":
                     self.throttled.labels(key_store).inc(count)
         for (operation, status), pending in latencies.items():
-            child = self.latency.labels(operation, status)
-            # prometheus_client keeps one value per bucket (not cumulative) and a sum;
-            # adding to them is what observe() does one observation at a time
-            # (tests/unit/test_metrics.py compares the two).
-            for bucket, observed in zip(child._buckets, pending, strict=False):
-                if observed:
-                    bucket.inc(observed)
-            child._sum.inc(pending[-1])
+            pending.add_to(self.latency.labels(operation, status))
+        loop_lag, self._loop_lag = self._loop_lag, _PendingHistogram(LOOP_LAG_BUCKETS)
+        if any(loop_lag.counts):
+            loop_lag.add_to(self.loop_lag)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from xks_proxy.observability.logging import flush_request_log, log_request
+from xks_proxy.observability.looplag import LoopLagMonitor
 from xks_proxy.observability.metrics import FLUSH_SECONDS, MULTIPROC_ENV, RequestMetrics
 from xks_proxy.protocol.errors import InternalException, UnsupportedOperationException
 from xks_proxy.service import JSON_HEADERS, XksService, error_body, error_outcome
@@ -50,6 +51,7 @@ class XksApp:
         self.service_factory = service_factory
         self.on_started = on_started
         self.metrics: RequestMetrics | None = None
+        self.loop_lag: LoopLagMonitor | None = None
         if os.environ.get(MULTIPROC_ENV):
             self.metrics = RequestMetrics()
 
@@ -66,6 +68,10 @@ class XksApp:
                 try:
                     self.service = self.service_factory()
                     self.service.start()
+                    self.loop_lag = LoopLagMonitor(
+                        self.metrics.observe_loop_lag if self.metrics is not None else None
+                    )
+                    self.loop_lag.start()
                     if self.metrics is not None:
                         self._flush_metrics_later()
                     if self.on_started is not None:
@@ -76,6 +82,8 @@ class XksApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.loop_lag is not None:
+                    self.loop_lag.stop()
                 if self.metrics is not None:
                     self.metrics.flush()
                 if self.service is not None:
