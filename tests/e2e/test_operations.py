@@ -245,6 +245,13 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def at_least(text: str, minimum: float, name: str, **labels: str) -> bool:
+    try:
+        return metric_value(text, name, **labels) >= minimum
+    except AssertionError:  # not there yet
+        return False
+
+
 def test_metrics_across_workers(two_worker_proxy: tuple[ProxyProcess, Path, int]) -> None:
     """Prometheus metrics on the admin listener count every request of every worker."""
     proxy, _, health_port = two_worker_proxy
@@ -257,7 +264,9 @@ def test_metrics_across_workers(two_worker_proxy: tuple[ProxyProcess, Path, int]
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as reply:
             text = reply.read().decode()
-        flushed = 'error_name="AuthenticationFailedException"} 7.0' in text
+        flushed = at_least(
+            text, 7, "xks_proxy_errors_total", error_name="AuthenticationFailedException"
+        ) and at_least(text, 30, "xks_proxy_requests_total", operation="Encrypt", status="200")
         if flushed or time.monotonic() > deadline:
             break
         time.sleep(0.1)

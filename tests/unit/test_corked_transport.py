@@ -89,3 +89,75 @@ async def _test_nothing_is_written_to_a_closing_transport_and_the_rest_is_delega
     assert real.writes == []
     assert transport.get_extra_info("peername") == ("127.0.0.1", 1)
     assert transport.is_closing()
+
+
+# ------------------------------------------------ the protocol on a real socket
+
+
+async def _serve_once(request: bytes, half_close: bool, answers: int) -> bytes:
+    """One connection to XksHttpToolsProtocol on a real loopback socket (uvloop, like
+    the workers), answering 200 "{}" in the same step it reads the request."""
+    import socket
+
+    import uvicorn
+    import uvloop
+    from uvicorn.server import ServerState
+
+    from xks_proxy.server.protocol import XksHttpToolsProtocol
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    config = uvicorn.Config(app, http=XksHttpToolsProtocol, lifespan="off", log_config=None)
+    config.load()
+    state = ServerState()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: XksHttpToolsProtocol(config=config, server_state=state, app_state={}),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    client.setblocking(False)
+    try:
+        await loop.sock_sendall(client, request)
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
+        received = b""
+        while received.count(b"HTTP/1.1 200 OK") < answers or not received.endswith(b"{}"):
+            chunk = await asyncio.wait_for(loop.sock_recv(client, 4096), 5)
+            if not chunk:
+                break
+            received += chunk
+        return received
+    finally:
+        client.close()
+        server.close()
+
+
+def _run_uvloop(request: bytes, half_close: bool, answers: int = 1) -> bytes:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve_once(request, half_close, answers))
+
+
+REQUEST = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_pipelined_requests_are_all_answered_whole() -> None:
+    answers = _run_uvloop(REQUEST * 3, half_close=False, answers=3)
+    one = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    assert answers == one * 3
+
+
+def test_answer_still_sent_when_the_client_half_closes() -> None:
+    # A client that sends its request and shuts down its side (nc, some health
+    # checkers) must still get the answer made in that same loop step.
+    answer = _run_uvloop(REQUEST, half_close=True)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"{}")

@@ -29,9 +29,10 @@ def test_a_blocked_loop_is_measured_and_logged(caplog: pytest.LogCaptureFixture)
         monitor = asyncio.run(scenario())
     assert len(lags) >= 5
     assert min(lags) < 0.05  # quiet ticks are on time
-    assert monitor.worst >= 0.2 and monitor.stalls == 2
+    assert monitor.worst >= 0.2 and monitor.stalls >= 2
     warnings = [r.getMessage() for r in caplog.records if "event loop stalled" in r.getMessage()]
-    assert len(warnings) == 1 and "1 time(s)" in warnings[0]
+    # The first stall is reported at once; the second falls in the same 10 s window.
+    assert len(warnings) == 1 and "time(s) for 100 ms or more" in warnings[0]
 
 
 def test_stop_ends_the_ticks() -> None:

@@ -90,3 +90,19 @@ def test_nothing_below_info(stream: CountingStream) -> None:
     finally:
         logging.getLogger(request_logging.REQUEST_LOGGER_NAME).setLevel(logging.NOTSET)
     assert stream.writes == []
+
+
+def test_lines_left_by_a_loop_that_stopped_are_written_next_time(stream: CountingStream) -> None:
+    loop = asyncio.new_event_loop()
+
+    def last_callback() -> None:
+        request_logging.log_request({"kmsRequestId": "before-stop"})
+        loop.stop()  # the scheduled flush never runs on this loop
+
+    loop.call_soon(last_callback)
+    loop.run_forever()
+    loop.close()
+    assert stream.writes == []
+    request_logging.log_request({"kmsRequestId": "after"})  # outside any loop
+    ids = [json.loads(line)["kmsRequestId"] for line in stream.getvalue().splitlines()]
+    assert ids == ["before-stop", "after"]

@@ -84,7 +84,7 @@ class _RequestLog:
         self._second = -1
         self._prefix = ""
         self._pending: list[bytes] = []
-        self._flush_scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # a flush is due there
 
     def _time(self, now: float) -> str:
         second = int(now)
@@ -99,7 +99,7 @@ class _RequestLog:
         if self.pid != os.getpid():  # a new process (spawned worker) has its own pid
             self.pid = os.getpid()
             self._pending.clear()
-            self._flush_scheduled = False
+            self._flush_loop = None
         line: dict[str, Any] = {
             "time": self._time(time.time()),
             "level": "info",
@@ -108,19 +108,21 @@ class _RequestLog:
         }
         line.update(fields)
         self._pending.append(orjson.dumps(line, default=str) + b"\n")
-        if self._flush_scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._flush_scheduled = True
+        if self._flush_loop is loop:
+            return  # this loop flushes at the end of its step
+        if self._flush_loop is not None:
+            self.flush()  # scheduled on a loop that stopped before flushing
+        self._flush_loop = loop
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write every pending line (whole lines, at most PIPE_BUF bytes per write)."""
-        self._flush_scheduled = False
+        self._flush_loop = None
         pending = self._pending
         if not pending:
             return

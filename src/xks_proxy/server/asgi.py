@@ -85,7 +85,10 @@ class XksApp:
                 if self.loop_lag is not None:
                     self.loop_lag.stop()
                 if self.metrics is not None:
-                    self.metrics.flush()
+                    try:
+                        self.metrics.flush()
+                    except Exception as exc:  # never in the way of closing the HSM
+                        logger.error("metrics flush at shutdown failed: %s", exc)
                 if self.service is not None:
                     self.service.close()
                 flush_request_log()

@@ -80,3 +80,12 @@ class XksHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         corked: Any = CorkedTransport(transport, self.loop)
         super().connection_made(corked)
+
+    def eof_received(self) -> None:
+        # The peer half-closed. uvicorn returns None here, so the transport closes
+        # right after: send an answer made in this step first (curl, nc and health
+        # checkers may send a request and then shut down their side).
+        flush = getattr(self.transport, "flush", None)
+        if flush is not None:
+            flush()
+        super().eof_received()
