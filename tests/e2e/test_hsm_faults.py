@@ -66,8 +66,7 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
 @contextmanager
 def hsm_hung(token: SoftHsmToken) -> Iterator[None]:
     """While inside, every operation on the token blocks inside SoftHSM."""
-    tokens = token.conf_path.parent / "tokens"
-    directory = next(d for d in tokens.iterdir() if b"faults" in (d / "token.object").read_bytes())
+    directory = token.files()
     with (directory / "generation").open("r+b") as handle:
         fcntl.lockf(handle, fcntl.LOCK_EX)
         try:

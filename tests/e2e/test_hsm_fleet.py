@@ -138,11 +138,7 @@ def test_two_hsms_serve_one_fleet(tmp_path: Path) -> None:
         log = proxy.log_text()
         assert '"hsm":"hsm-a"' in log and '"hsm":"hsm-b"' in log
 
-        token_b = next(
-            d
-            for d in (store / "tokens").iterdir()
-            if b"fleet-b" in (d / "token.object").read_bytes()
-        )
+        token_b = tokens[1].files()
         failures: list[str] = []
         done = [0]
         stop = threading.Event()

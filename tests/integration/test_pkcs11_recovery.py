@@ -252,22 +252,23 @@ def lib_shim(manager: Pkcs11KeyManager, monkeypatch: pytest.MonkeyPatch) -> LibS
     return shim
 
 
-@pytest.fixture(scope="module")
-def second_token_settings(softhsm_token: SoftHsmToken) -> Pkcs11Settings:
-    """A second token in the same SoftHSM directory: the same module (and module lock,
-    and re-initialisations) as the first, like two partitions of one HSM."""
+def extra_token(
+    softhsm_token: SoftHsmToken, label: str, module_path: str | None = None
+) -> tuple[SoftHsmToken, Pkcs11Settings]:
+    """Another token in the shared SoftHSM directory (PIN SECOND_PIN, key foo), and
+    settings opening it through ``module_path`` (default: the shared module)."""
     token = provision_softhsm_token(
         softhsm_token.conf_path.parent,
-        token_label=SECOND_TOKEN,
+        token_label=label,
         pin=SECOND_PIN,
         so_pin=SECOND_SO_PIN,
         keys=[KeySpec("foo", True, True)],
         health_check_key_label=HEALTH_CHECK_KEY_LABEL,
         module_path=softhsm_token.module_path,
     )
-    return Pkcs11Settings(
-        module_path=token.module_path,
-        token_label=SECOND_TOKEN,
+    settings = Pkcs11Settings(
+        module_path=module_path or token.module_path,
+        token_label=label,
         slot=None,
         pin=SECOND_PIN,
         health_check_key_label=HEALTH_CHECK_KEY_LABEL,
@@ -276,6 +277,14 @@ def second_token_settings(softhsm_token: SoftHsmToken) -> Pkcs11Settings:
         recovery_interval=INTERVAL,
         recovery_max_interval=MAX_INTERVAL,
     )
+    return token, settings
+
+
+@pytest.fixture(scope="module")
+def second_token_settings(softhsm_token: SoftHsmToken) -> Pkcs11Settings:
+    """A second token in the same SoftHSM directory: the same module (and module lock,
+    and re-initialisations) as the first, like two partitions of one HSM."""
+    return extra_token(softhsm_token, SECOND_TOKEN)[1]
 
 
 # ------------------------------------------------------------------------- helpers
@@ -1079,33 +1088,10 @@ def _vanishing_token(
     """A token of its own in the shared SoftHSM directory, opened through a private copy
     of libsofthsm2 (its own module instance, like a separate HSM); returns its settings
     and its directory of files."""
-    token = provision_softhsm_token(
-        softhsm_token.conf_path.parent,
-        token_label=label,
-        pin=SECOND_PIN,
-        so_pin=SECOND_SO_PIN,
-        keys=[KeySpec("foo", True, True)],
-        health_check_key_label=HEALTH_CHECK_KEY_LABEL,
-        module_path=softhsm_token.module_path,
-    )
     module_copy = tmp_path / f"libsofthsm2-{label}.so"
     shutil.copyfile(softhsm_token.module_path, module_copy)
-    tokens_dir = softhsm_token.conf_path.parent / "tokens"
-    directory = next(
-        d for d in tokens_dir.iterdir() if label.encode() in (d / "token.object").read_bytes()
-    )
-    settings = Pkcs11Settings(
-        module_path=str(module_copy),
-        token_label=label,
-        slot=None,
-        pin=SECOND_PIN,
-        health_check_key_label=HEALTH_CHECK_KEY_LABEL,
-        sessions=2,
-        environment=token.environment,
-        recovery_interval=INTERVAL,
-        recovery_max_interval=MAX_INTERVAL,
-    )
-    return settings, directory
+    token, settings = extra_token(softhsm_token, label, str(module_copy))
+    return settings, token.files()
 
 
 def test_vanished_token_comes_back_without_restart(
@@ -1148,17 +1134,10 @@ def test_vanished_token_does_not_reinitialise_a_shared_module_again(
     label = f"xks-vanish-shared-{os.getpid()}"
     settings, directory = _vanishing_token(softhsm_token, tmp_path, label)
     healthy_label = f"xks-stays-{os.getpid()}"
-    healthy_token = provision_softhsm_token(
-        softhsm_token.conf_path.parent,
-        token_label=healthy_label,
-        pin=SECOND_PIN,
-        so_pin=SECOND_SO_PIN,
-        keys=[KeySpec("foo", True, True)],
-        health_check_key_label=HEALTH_CHECK_KEY_LABEL,
-        module_path=softhsm_token.module_path,
+    healthy_token, healthy_settings = extra_token(
+        softhsm_token, healthy_label, settings.module_path
     )
     assert healthy_token.token_label == healthy_label
-    healthy_settings = dataclasses.replace(settings, token_label=healthy_label)
     healthy = Pkcs11KeyManager.open(healthy_settings)  # created first: the copy is loaded
     vanishing = Pkcs11KeyManager.open(settings)
     try:

@@ -70,6 +70,16 @@ class SoftHsmToken:
         """The environment the PKCS#11 module needs (SoftHSM reads it at C_Initialize)."""
         return {"SOFTHSM2_CONF": str(self.conf_path)}
 
+    def files(self) -> Path:
+        """The directory of this token's files (SoftHSM's file backend: one directory per
+        token under ``tokens/``, its label in ``token.object``)."""
+        label = self.token_label.encode("utf-8")
+        for directory in (self.conf_path.parent / "tokens").iterdir():
+            token_object = directory / "token.object"
+            if token_object.is_file() and label in token_object.read_bytes():
+                return directory
+        raise SoftHsmProvisioningError(f"no files for token {self.token_label!r}")
+
 
 class SoftHsmProvisioningError(RuntimeError):
     """The token or its keys could not be set up; the message never holds a PIN."""
