@@ -7,6 +7,9 @@ Phases (``--phases``, in this order):
   echo    a bare uvicorn+httptools+uvloop app answering fixed JSON, same workers and
           same wrk settings (the HTTP ceiling), alternated run by run with the proxy
           doing Encrypt: the ratio comes from back-to-back pairs
+  floor   the architecture's floor: the same bare app plus one real HSM encrypt per
+          request through the proxy's adapter, on an HSM thread (as the proxy must)
+          and, for comparison, on the event loop; alternated with the proxy (Encrypt)
   closed  closed-loop HTTP keep-alive with wrk, one measurement per workload in --mix
   open    open-loop at --rate for --open-duration, latency from the scheduled time
   https   closed-loop over TLS 1.3 keep-alive with wrk, alternated with an HTTP proxy
@@ -39,8 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-PHASES = ("pkcs11", "echo", "closed", "open", "https", "memory")
-DEFAULT_PHASES = "pkcs11,echo,closed,open,https"
+PHASES = ("pkcs11", "echo", "floor", "closed", "open", "https", "memory")
+DEFAULT_PHASES = "pkcs11,echo,floor,closed,open,https"
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -293,9 +296,20 @@ class Bench:
         Back-to-back runs see nearly the same machine, so their ratio is steadier than
         one of runs made minutes apart. Returns (median A, median B, ratio of B to A).
         """
-        runs: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        runs = self.alternated_runs([first, second], workload)
+        return (
+            self.median_run(runs[0], first[2]),
+            self.median_run(runs[1], second[2]),
+            pair_ratio(runs[0], runs[1]),
+        )
+
+    def alternated_runs(
+        self, sides: Sequence[tuple[Any, Any, str]], workload: str
+    ) -> list[list[dict[str, Any]]]:
+        """--repeat rounds of one closed-loop run per server, in turn (A, B, C, A, ...)."""
+        runs: list[list[dict[str, Any]]] = [[] for _ in sides]
         for index in range(self.args.repeat):
-            for side, (server, target, label) in enumerate((first, second)):
+            for side, (server, target, label) in enumerate(sides):
                 pool, signed_at = self.signed_pool(target, workload, self.args.pool)
                 lua, _ = self.pool_files(pool, f"pair-{side}")
                 if index == 0:
@@ -304,27 +318,7 @@ class Bench:
                     self.closed_once(server, target, lua, self.run_label(label, index))
                 )
                 self.note_window(signed_at)
-        pairs = [
-            b["requests_per_s"] / a["requests_per_s"]
-            for a, b in zip(runs[0], runs[1], strict=True)
-            if a["requests_per_s"]
-        ]
-        pairs_cpu = [
-            b["requests_per_proxy_cpu_s"] / a["requests_per_proxy_cpu_s"]
-            for a, b in zip(runs[0], runs[1], strict=True)
-            if a["requests_per_proxy_cpu_s"] and b["requests_per_proxy_cpu_s"]
-        ]
-        ratio = {
-            "median": sorted(pairs)[len(pairs) // 2] if pairs else None,
-            "per_pair": [round(value, 4) for value in pairs],
-            "per_cpu_median": sorted(pairs_cpu)[len(pairs_cpu) // 2] if pairs_cpu else None,
-            "per_cpu_per_pair": [round(value, 4) for value in pairs_cpu],
-        }
-        return (
-            self.median_run(runs[0], first[2]),
-            self.median_run(runs[1], second[2]),
-            ratio,
-        )
+        return runs
 
     def closed_once(
         self, server: Any, target: Any, pool_file: Path, label: str, duration: int | None = None
@@ -504,9 +498,22 @@ class Bench:
             )
         self.phases["pkcs11"] = out
 
+    def bare_target(self, port: int) -> Any:
+        """A plain-HTTP target for the bench's own servers (they ignore the path)."""
+        from .workloads import Target
+
+        assert self.token is not None
+        return Target(
+            "http",
+            "127.0.0.1",
+            port,
+            "bench",
+            self.token.access_key_id,
+            self.token.secret_access_key,
+        )
+
     def phase_echo(self) -> None:
         from .environment import EchoServer, free_port
-        from .workloads import Target
 
         assert self.token is not None
         say(
@@ -517,14 +524,7 @@ class Bench:
         echo = EchoServer(self.work / "echo.log", port, self.args.workers)
         echo.start()
         try:
-            echo_target = Target(
-                "http",
-                "127.0.0.1",
-                port,
-                "bench",
-                self.token.access_key_id,
-                self.token.secret_access_key,
-            )
+            echo_target = self.bare_target(port)
             with self.proxy(tls=False, name="proxy-echo-pair") as (server, target):
                 echo_data, proxy_data, ratio = self.paired_runs(
                     (echo, echo_target, "echo"), (server, target, "proxy encrypt"), "encrypt"
@@ -534,6 +534,45 @@ class Bench:
             self.phases["echo"] = echo_data
         finally:
             echo.stop()
+
+    def phase_floor(self) -> None:
+        from .environment import FloorServer, free_port
+
+        assert self.token is not None
+        say(
+            f"== floor: bare HTTP + one HSM encrypt per request, {self.args.workers} workers; "
+            "HSM thread, event loop and the proxy (Encrypt) in turn"
+        )
+        servers: list[Any] = []
+        sides: list[tuple[Any, Any, str]] = []
+        try:
+            for hsm_calls in ("thread", "inline"):
+                port = free_port()
+                floor = FloorServer(
+                    self.work / f"floor-{hsm_calls}.log",
+                    port,
+                    self.args.workers,
+                    self.token,
+                    hsm_calls,
+                )
+                servers.append(floor)
+                floor.start()
+                sides.append((floor, self.bare_target(port), f"floor ({hsm_calls})"))
+            with self.proxy(tls=False, name="proxy-floor-trio") as (server, target):
+                sides.append((server, target, "proxy encrypt"))
+                runs = self.alternated_runs(sides, "encrypt")
+            out: dict[str, Any] = {
+                name: self.median_run(side_runs, label)
+                for name, side_runs, (_, _, label) in zip(
+                    ("thread", "inline", "proxy_encrypt"), runs, sides, strict=True
+                )
+            }
+            out["ratio_proxy_to_thread"] = pair_ratio(runs[0], runs[2])
+            out["ratio_inline_to_thread"] = pair_ratio(runs[0], runs[1])
+            self.phases["floor"] = out
+        finally:
+            for floor in servers:
+                floor.stop()
 
     def phase_closed(self) -> None:
         say(f"== closed: wrk -t{self.args.threads} -c{self.args.connections} HTTP keep-alive")
@@ -750,6 +789,26 @@ class Bench:
             progress=progress,
             progress_every=10.0,
         )
+
+
+def pair_ratio(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """B/A of alternated runs: median and per pair, raw and per server CPU-second."""
+    pairs = [
+        b["requests_per_s"] / a["requests_per_s"]
+        for a, b in zip(a_runs, b_runs, strict=True)
+        if a["requests_per_s"]
+    ]
+    pairs_cpu = [
+        b["requests_per_proxy_cpu_s"] / a["requests_per_proxy_cpu_s"]
+        for a, b in zip(a_runs, b_runs, strict=True)
+        if a["requests_per_proxy_cpu_s"] and b["requests_per_proxy_cpu_s"]
+    ]
+    return {
+        "median": sorted(pairs)[len(pairs) // 2] if pairs else None,
+        "per_pair": [round(value, 4) for value in pairs],
+        "per_cpu_median": sorted(pairs_cpu)[len(pairs_cpu) // 2] if pairs_cpu else None,
+        "per_cpu_per_pair": [round(value, 4) for value in pairs_cpu],
+    }
 
 
 def run_open_loop(

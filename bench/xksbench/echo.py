@@ -30,45 +30,59 @@ HEADERS = [
 ]
 
 
+async def read_body(receive: Callable[[], Awaitable[Message]]) -> bool:
+    """Read (and drop) the whole request body; False if the client went away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        if not message.get("more_body", False):
+            return True
+
+
 async def app(
     scope: Message,
     receive: Callable[[], Awaitable[Message]],
     send: Callable[[Message], Awaitable[None]],
 ) -> None:
-    if scope["type"] != "http":
+    if scope["type"] != "http" or not await read_body(receive):
         return
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        more = bool(message.get("more_body", False))
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def server_arguments(description: str) -> argparse.ArgumentParser:
+    """The command-line options every bench server takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep-alive", type=int, default=60)
-    args = parser.parse_args(argv)
-    uvicorn.run(
-        "xksbench.echo:app",
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        http="httptools",
-        loop="uvloop",
-        lifespan="off",
-        access_log=False,
-        server_header=False,
-        timeout_keep_alive=args.keep_alive,
-        log_level="warning",
-    )
+    return parser
+
+
+def serve(app: str, args: argparse.Namespace, **options: Any) -> None:
+    """uvicorn with the bench servers' common options (``options`` add or override)."""
+    import uvicorn
+
+    settings: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "http": "httptools",
+        "loop": "uvloop",
+        "lifespan": "off",
+        "access_log": False,
+        "server_header": False,
+        "timeout_keep_alive": args.keep_alive,
+        "log_level": "warning",
+    }
+    settings.update(options)
+    uvicorn.run(app, **settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    serve("xksbench.echo:app", server_arguments(__doc__.split("\n\n")[0]).parse_args(argv))
     return 0
 
 

@@ -435,6 +435,40 @@ class EchoServer(Server):
         time.sleep(1.0)  # uvicorn's workers start at the same time and in well under 1 s
 
 
+class FloorServer(EchoServer):
+    """Bare HTTP plus one real HSM call per request (xksbench.floor)."""
+
+    name = "floor server"
+
+    def __init__(
+        self, log_path: Path, port: int, workers: int, token: BenchToken, hsm_calls: str
+    ) -> None:
+        super().__init__(log_path, port, workers)
+        self.command = [
+            sys.executable,
+            "-m",
+            "xksbench.floor",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--hsm-calls",
+            hsm_calls,
+            "--module",
+            token.module_path,
+            "--token-label",
+            TOKEN_LABEL,
+            "--pin-file",
+            str(token.pin_file),
+            "--conf",
+            str(token.conf_path),
+        ]
+        self.name = f"floor server ({hsm_calls})"
+
+    def wait_workers_ready(self, deadline: float) -> None:
+        time.sleep(2.0)  # each worker opens its HSM session during lifespan start-up
+
+
 # ------------------------------------------------------------------------ machine
 
 

@@ -65,6 +65,14 @@ def summary_table(results: dict[str, Any]) -> str:
         paired = echo.get("paired_proxy_encrypt")
         if paired:
             add("  paired proxy", "encrypt", paired, _wrk_errors(paired), paired["requests_per_s"])
+    if "floor" in phases:
+        for key, name in (
+            ("thread", "floor, HSM thread"),
+            ("inline", "floor, HSM on loop"),
+            ("proxy_encrypt", "  proxy, same turns"),
+        ):
+            data = phases["floor"][key]
+            add(name, "encrypt", data, _wrk_errors(data), data["requests_per_s"])
     for workload, data in phases.get("closed", {}).items():
         add("closed HTTP", workload, data, _wrk_errors(data), data["requests_per_s"])
     if "open" in phases:
@@ -128,6 +136,16 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         out["paired_encrypt_vs_echo"] = paired["median"]
     if paired.get("per_cpu_median") is not None:
         out["paired_encrypt_vs_echo_per_cpu"] = paired["per_cpu_median"]
+    floor = phases.get("floor", {})
+    for key, name in (
+        ("ratio_proxy_to_thread", "proxy_vs_floor"),
+        ("ratio_inline_to_thread", "floor_inline_vs_thread"),
+    ):
+        paired = floor.get(key) or {}
+        if paired.get("median") is not None:
+            out[name] = paired["median"]
+        if paired.get("per_cpu_median") is not None:
+            out[f"{name}_per_cpu"] = paired["per_cpu_median"]
     paired = phases.get("https", {}).get("paired_ratio_https_to_http") or {}
     if paired.get("median") is not None:
         out["paired_https_vs_http"] = paired["median"]
@@ -163,6 +181,10 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
         "paired_encrypt_vs_echo": "paired runs: proxy encrypt / bare echo",
         "paired_encrypt_vs_echo_per_cpu": "paired runs, per CPU-second: proxy encrypt / echo",
         "paired_https_vs_http": "paired runs: HTTPS / HTTP (encrypt)",
+        "proxy_vs_floor": "alternated runs: proxy encrypt / floor (HTTP + HSM thread)",
+        "proxy_vs_floor_per_cpu": "alternated runs, per CPU-second: proxy / floor",
+        "floor_inline_vs_thread": "alternated runs: floor, HSM on loop / on HSM thread",
+        "floor_inline_vs_thread_per_cpu": "alternated, per CPU-second: floor loop / thread",
         "paired_https_vs_http_per_cpu": "paired runs, per CPU-second: HTTPS / HTTP",
     }
     lines = [
@@ -172,6 +194,8 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
     lines += [f"{names[k]}: {v:.1%}" for k, v in results.get("ratios", {}).items() if k in names]
     phases = results["phases"]
     named = [("echo", phases["echo"])] if "echo" in phases else []
+    if "floor" in phases:
+        named += [(f"floor {k}", phases["floor"][k]) for k in ("thread", "inline")]
     named += [(f"closed {w}", d) for w, d in phases.get("closed", {}).items()]
     if "https" in phases:
         named.append((f"https {phases['https'].get('workload', '')}", phases["https"]))
@@ -302,6 +326,8 @@ def plot(path: Path, results: dict[str, Any]) -> bool:
     curves: list[tuple[str, list[list[float]]]] = []
     if "echo" in phases:
         curves.append(("echo ceiling (closed)", phases["echo"]["curve_ms"]))
+    if "floor" in phases:
+        curves.append(("floor, HSM thread (closed)", phases["floor"]["thread"]["curve_ms"]))
     for workload, data in phases.get("closed", {}).items():
         curves.append((f"closed HTTP {workload}", data["curve_ms"]))
     if "https" in phases:
