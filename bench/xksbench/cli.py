@@ -9,7 +9,8 @@ Phases (``--phases``, in this order):
           doing Encrypt: the ratio comes from back-to-back pairs
   floor   the architecture's floor: the same bare app plus one real HSM encrypt per
           request through the proxy's adapter, on an HSM thread (as the proxy must)
-          and, for comparison, on the event loop; alternated with the proxy (Encrypt)
+          and, for comparison, on the event loop; alternated with the proxy (Encrypt);
+          then the open-loop rate on the floor (HSM thread) and on the proxy in turn
   closed  closed-loop HTTP keep-alive with wrk, one measurement per workload in --mix
   open    open-loop at --rate for --open-duration, latency from the scheduled time
   https   closed-loop over TLS 1.3 keep-alive with wrk, alternated with an HTTP proxy
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave server.health_port unset (this also turns the per-request Prometheus "
         "metrics off): to measure what they cost",
+    )
+    add(
+        "--no-audit",
+        action="store_true",
+        help="switch the proxy's audit log off ([audit] enabled = false): to measure what it costs",
     )
     add("--seed", type=int, default=1)
     add("--output-dir", type=Path, default=RESULTS_DIR)
@@ -412,6 +418,7 @@ class Bench:
             workers=self.args.workers,
             tls=certs,
             log_level=self.args.log_level,
+            audit=not self.args.no_audit,
         )
         server = ProxyServer(
             config, self.work / f"{name}.log", port, self.args.workers, self.args.log_level
@@ -561,12 +568,17 @@ class Bench:
             with self.proxy(tls=False, name="proxy-floor-trio") as (server, target):
                 sides.append((server, target, "proxy encrypt"))
                 runs = self.alternated_runs(sides, "encrypt")
+                # Latency at the open-loop rate, floor then proxy back to back.
+                floor_open = self.open_once(sides[0][0], sides[0][1], "floor (thread) open")
+                proxy_open = self.open_once(server, target, "proxy open")
             out: dict[str, Any] = {
                 name: self.median_run(side_runs, label)
                 for name, side_runs, (_, _, label) in zip(
                     ("thread", "inline", "proxy_encrypt"), runs, sides, strict=True
                 )
             }
+            out["open_thread"] = floor_open
+            out["open_proxy"] = proxy_open
             out["ratio_proxy_to_thread"] = pair_ratio(runs[0], runs[2])
             out["ratio_inline_to_thread"] = pair_ratio(runs[0], runs[1])
             self.phases["floor"] = out
@@ -590,66 +602,71 @@ class Bench:
         self.phases["closed"] = out
 
     def phase_open(self) -> None:
-        from .environment import loadavg, machine_share, system_cpu
-        from .wrk import children_cpu
-
         args = self.args
         say(
             f"== open: {args.rate:g} req/s for {args.open_duration:g} s "
             f"(+{args.open_warmup:g} s warm-up), {args.open_workload}, latency from schedule"
         )
         with self.proxy(tls=False, name="proxy-open") as (server, target):
-            size = max(args.pool, 1)
-            pool, signed_at = self.signed_pool(target, args.open_workload, size)
-            _, pool_json = self.pool_files(pool, "open")
-            lua, _ = self.pool_files(pool, "open-warm")
-            self.warm(server, target, lua)
-            quiet = self.wait_for_quiet()
-            before = server.cpu_seconds()
-            machine_before = system_cpu()
-            children_before = children_cpu()
-            load = loadavg()
-            done = run_open_loop(
-                pool_json,
-                target.port,
-                rate=args.rate,
-                duration=args.open_duration,
-                warmup=args.open_warmup,
-                connections=args.open_connections,
-                progress_every=2 if args.quick else 5,
+            self.phases["open"] = self.open_once(server, target, "open")
+
+    def open_once(self, server: Any, target: Any, label: str) -> dict[str, Any]:
+        """One open-loop run at --rate on a running server, with CPU accounting."""
+        from .environment import loadavg, machine_share, system_cpu
+        from .wrk import children_cpu
+
+        args = self.args
+        size = max(args.pool, 1)
+        pool, signed_at = self.signed_pool(target, args.open_workload, size)
+        _, pool_json = self.pool_files(pool, "open")
+        lua, _ = self.pool_files(pool, "open-warm")
+        self.warm(server, target, lua)
+        quiet = self.wait_for_quiet()
+        before = server.cpu_seconds()
+        machine_before = system_cpu()
+        children_before = children_cpu()
+        load = loadavg()
+        done = run_open_loop(
+            pool_json,
+            target.port,
+            rate=args.rate,
+            duration=args.open_duration,
+            warmup=args.open_warmup,
+            connections=args.open_connections,
+            progress_every=2 if args.quick else 5,
+        )
+        after = server.cpu_seconds()
+        machine_after = system_cpu()
+        generator_cpu = children_cpu() - children_before
+        self.note_window(signed_at)
+        if done.returncode != 0:
+            raise RuntimeError("open-loop generator failed (see its output above)")
+        data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        used = sum(after.get(pid, 0.0) - before.get(pid, 0.0) for pid in after)
+        data["workload"] = args.open_workload
+        data["server_cpu_s"] = round(used, 2)
+        elapsed = args.open_duration + args.open_warmup
+        data["proxy_cpu_cores"] = round(used / elapsed, 2)
+        data["cpu_cores_by_process"] = {
+            ("supervisor" if pid == server.pid else f"worker {pid}"): round(
+                (after[pid] - before.get(pid, 0.0)) / elapsed, 2
             )
-            after = server.cpu_seconds()
-            machine_after = system_cpu()
-            generator_cpu = children_cpu() - children_before
-            self.note_window(signed_at)
-            if done.returncode != 0:
-                raise RuntimeError("open-loop generator failed (see its output above)")
-            data = json.loads(done.stdout.strip().splitlines()[-1])
-            used = sum(after.get(pid, 0.0) - before.get(pid, 0.0) for pid in after)
-            data["workload"] = args.open_workload
-            data["server_cpu_s"] = round(used, 2)
-            elapsed = args.open_duration + args.open_warmup
-            data["proxy_cpu_cores"] = round(used / elapsed, 2)
-            data["cpu_cores_by_process"] = {
-                ("supervisor" if pid == server.pid else f"worker {pid}"): round(
-                    (after[pid] - before.get(pid, 0.0)) / elapsed, 2
-                )
-                for pid in after
-            }
-            data["load_generator_cores"] = round(generator_cpu / elapsed, 2)
-            data.update(machine_share(machine_before, machine_after, used + generator_cpu))
-            data["loadavg_before"] = load
-            data.update(quiet)
-            data["pool"] = len(pool)
-            latency = data["latency_ms"]
-            say(
-                f"    open: {data['achieved_rate']:,.0f}/s achieved, errors {data['errors']}, "
-                f"p50 {latency.get('p50', math.nan):.2f} ms, p99 {latency.get('p99', math.nan):.2f}"
-                f" ms, p99.9 {latency.get('p99.9', math.nan):.2f} ms, "
-                f"max {latency.get('max', math.nan):.2f} ms; generator send lag p99 "
-                f"{data['send_lag_ms'].get('p99', math.nan):.2f} ms"
-            )
-            self.phases["open"] = data
+            for pid in after
+        }
+        data["load_generator_cores"] = round(generator_cpu / elapsed, 2)
+        data.update(machine_share(machine_before, machine_after, used + generator_cpu))
+        data["loadavg_before"] = load
+        data.update(quiet)
+        data["pool"] = len(pool)
+        latency = data["latency_ms"]
+        say(
+            f"    {label}: {data['achieved_rate']:,.0f}/s achieved, errors {data['errors']}, "
+            f"p50 {latency.get('p50', math.nan):.2f} ms, p99 {latency.get('p99', math.nan):.2f}"
+            f" ms, p99.9 {latency.get('p99.9', math.nan):.2f} ms, "
+            f"max {latency.get('max', math.nan):.2f} ms; generator send lag p99 "
+            f"{data['send_lag_ms'].get('p99', math.nan):.2f} ms"
+        )
+        return data
 
     def phase_https(self) -> None:
         args = self.args
@@ -908,6 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pkcs11_seconds": args.pkcs11_seconds,
             "proxy_log_level": args.log_level,
             "proxy_health_port": not args.no_health_port,
+            "proxy_audit_log": not args.no_audit,
             "wait_quiet_s": args.wait_quiet,
             "quiet_cores": args.quiet_cores,
             "payload": "Encrypt: 32-byte plaintext, 40-byte AAD, no CDIV; key 'foo'",

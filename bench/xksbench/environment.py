@@ -123,6 +123,7 @@ def write_proxy_config(
     workers: int,
     tls: Tls | None,
     log_level: str,
+    audit: bool = True,
 ) -> Path:
     """A production-like config: workers, health/metrics listener, per-request log lines."""
     from xks_proxy.keymanager.softhsm import HEALTH_CHECK_KEY_LABEL
@@ -133,6 +134,7 @@ def write_proxy_config(
         else ""
     )
     key_ids = ", ".join(_toml(label) for label in token.key_labels)
+    audit_section = "" if audit else "[audit]\nenabled = false  # bench/run --no-audit\n"
     text = f"""# Written by bench/run.
 [server]
 host = "127.0.0.1"
@@ -153,7 +155,7 @@ SOFTHSM2_CONF = {_toml(str(token.conf_path))}
 
 [logging]
 level = {_toml(log_level)}
-{tls_section}
+{audit_section}{tls_section}
 [[key_stores]]
 name = "bench"
 uri_prefix = {_toml(URI_PREFIX)}

@@ -73,6 +73,11 @@ def summary_table(results: dict[str, Any]) -> str:
         ):
             data = phases["floor"][key]
             add(name, "encrypt", data, _wrk_errors(data), data["requests_per_s"])
+        opens = (("open_thread", "floor open, HSM thread"), ("open_proxy", "  proxy open"))
+        for key, name in opens:
+            data = phases["floor"].get(key)
+            if data:
+                add(name, "encrypt", data, str(data["errors"]), data["achieved_rate"])
     for workload, data in phases.get("closed", {}).items():
         add("closed HTTP", workload, data, _wrk_errors(data), data["requests_per_s"])
     if "open" in phases:
@@ -328,6 +333,8 @@ def plot(path: Path, results: dict[str, Any]) -> bool:
         curves.append(("echo ceiling (closed)", phases["echo"]["curve_ms"]))
     if "floor" in phases:
         curves.append(("floor, HSM thread (closed)", phases["floor"]["thread"]["curve_ms"]))
+        if phases["floor"].get("open_thread"):
+            curves.append(("floor, HSM thread (open)", phases["floor"]["open_thread"]["curve_ms"]))
     for workload, data in phases.get("closed", {}).items():
         curves.append((f"closed HTTP {workload}", data["curve_ms"]))
     if "https" in phases:
