@@ -133,9 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="tamper-evident audit log tools")
     audit_commands = audit.add_subparsers(title="audit commands")
     verify = audit_commands.add_parser(
-        "verify", help="check the hash chain of audit files; say where it is broken"
+        "verify", help="check the hash chains of audit files; say where one is broken"
     )
-    verify.add_argument("files", nargs="+", type=Path, help="audit files (rotated ones too)")
+    verify.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        help="audit files (rotated ones too) or directories of them; one chain per worker",
+    )
     verify.add_argument("--chain-key-file", type=Path, help="HMAC chain key (hex) if keyed")
     verify.set_defaults(run=_audit_verify)
 

@@ -25,7 +25,7 @@ from xks_proxy.hsmcalls import HsmCalls
 from xks_proxy.keymanager.base import EkmInfo, KeyManager
 from xks_proxy.keystores import KeyStoreTable
 from xks_proxy.killswitch import POLL_SECONDS, KillSwitchWatcher
-from xks_proxy.observability.audit import AuditLog
+from xks_proxy.observability.audit import AuditLog, worker_log_path
 from xks_proxy.observability.audit_sink import AuditSink, audit_record
 from xks_proxy.protocol.aad import hsm_aad
 from xks_proxy.protocol.cdiv import ciphertext_data_integrity_value
@@ -132,7 +132,10 @@ def error_outcome(
 
 
 class XksService:
-    """The four XKS APIs over one key manager and a table of key stores."""
+    """The four XKS APIs over one key manager and a table of key stores.
+
+    ``worker``: the worker slot this service runs in; it names the audit chain.
+    """
 
     def __init__(
         self,
@@ -140,6 +143,7 @@ class XksService:
         key_manager: KeyManager,
         *,
         clock: Callable[[], float] = time.time,
+        worker: int = 0,
     ) -> None:
         self._state = _ServiceState.build(config)
         self.key_manager = key_manager
@@ -157,14 +161,17 @@ class XksService:
         if config.audit is not None:
             audit = config.audit
             audit.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # One chain per worker slot: workers never contend for one log's lock,
+            # and a respawned worker continues its slot's chain.
             self.audit = AuditSink(
                 AuditLog(
-                    audit.path,
+                    worker_log_path(audit.path, worker),
                     rotate_bytes=audit.rotate_bytes,
                     rotate_seconds=audit.rotate_seconds,
                     fsync=audit.fsync,
                     chain_key=audit.chain_key,
-                )
+                ),
+                group_commit=audit.fsync,
             )
 
     def start(self) -> None:

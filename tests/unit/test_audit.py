@@ -20,10 +20,13 @@ from xks_proxy.observability.audit import (
     GENESIS_HASH,
     AuditLog,
     AuditLogError,
+    audit_chains,
     audit_files_in_order,
+    chain_of,
     load_chain_key,
     main_verify,
     verify_files,
+    worker_log_path,
 )
 
 CHAIN_KEY = bytes(range(32))
@@ -654,3 +657,63 @@ def test_bad_key_file(tmp_path: Path, log_path: Path, content: str) -> None:
 def test_main_verify_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main_verify([tmp_path / "absent.jsonl"], None) == 1
     assert "cannot read" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- one chain per worker
+
+
+def test_worker_log_paths_and_chain_names(tmp_path: Path) -> None:
+    base = tmp_path / "audit.jsonl"
+    assert worker_log_path(base, 0) == tmp_path / "audit.worker0.jsonl"
+    assert worker_log_path(base, 12).name == "audit.worker12.jsonl"
+    rotated = tmp_path / "audit.worker1.20261130T101010Z.41.jsonl"
+    assert chain_of(rotated) == (tmp_path, "audit.worker1")
+    assert chain_of(worker_log_path(base, 1)) == (tmp_path, "audit.worker1")
+    assert chain_of(tmp_path / "copy.jsonl") == (tmp_path, "copy")
+    # The same name in another directory is another chain.
+    assert chain_of(tmp_path / "x" / "audit.worker1.jsonl") != chain_of(worker_log_path(base, 1))
+
+
+def test_audit_chains_groups_a_directory_by_worker(tmp_path: Path) -> None:
+    base = tmp_path / "audit.jsonl"
+    for worker in (0, 1):
+        _write_log(worker_log_path(base, worker), 25, rotate_bytes=1500)
+    (tmp_path / "notes.txt").write_text("not an audit file")
+    chains = audit_chains([tmp_path])
+    assert [chain[-1].name for chain in chains] == ["audit.worker0.jsonl", "audit.worker1.jsonl"]
+    for worker, chain in enumerate(chains):
+        assert chain == audit_files_in_order(worker_log_path(base, worker))
+        assert len(chain) > 2  # rotated files, in seq order, then the live file
+        assert verify_files(chain).ok
+
+
+def test_main_verify_checks_every_chain_and_names_the_broken_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "audit.jsonl"
+    live = [worker_log_path(base, worker) for worker in (0, 1)]
+    for path in live:
+        _write_log(path, 6)
+    assert main_verify([tmp_path], None) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(", last hash")[0] for line in out] == [
+        "audit.worker0: OK: 6 records across 1 files (seq 0..5",
+        "audit.worker1: OK: 6 records across 1 files (seq 0..5",
+        "OK: all 2 chains",
+    ]
+    lines = _lines(live[1])
+    lines[3] = _edit_field(lines[3])
+    _rewrite(live[1], lines)
+    assert main_verify(live, None) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("audit.worker0: OK: 6 records")
+    assert out[1].startswith("audit.worker1: FAILED: 1 problem(s) in 6 records")
+    assert out[2] == f"  {live[1]}:4: edited: hash does not match the record's contents"
+    assert out[3] == "FAILED: 1 of 2 chains"
+
+
+def test_main_verify_of_an_empty_directory_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main_verify([tmp_path], None) == 1
+    assert "no audit files" in capsys.readouterr().err

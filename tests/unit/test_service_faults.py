@@ -78,10 +78,11 @@ class StandInHsm:
         self.release.set()
 
 
-def config(tmp_path: Path, **limits: int) -> ProxyConfig:
+def config(tmp_path: Path, *, audit: dict[str, Any] | None = None, **limits: int) -> ProxyConfig:
     return parse_config(
         {
             "server": {"allow_plain_http": True, "state_dir": str(tmp_path / "state")},
+            "audit": audit or {},
             "hsm": {"module": "/x.so", "token_label": "t", "pin": "1", "sessions": 2},
             "limits": {"request_timeout_ms": 100, **limits},
             "key_stores": [

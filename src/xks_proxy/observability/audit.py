@@ -45,10 +45,13 @@ __all__ = [
     "AuditLog",
     "AuditLogError",
     "VerifyReport",
+    "audit_chains",
     "audit_files_in_order",
+    "chain_of",
     "load_chain_key",
     "main_verify",
     "verify_files",
+    "worker_log_path",
 ]
 
 GENESIS_HASH: Final = "0" * 64
@@ -900,14 +903,55 @@ def load_chain_key(path: Path) -> bytes:
     return key
 
 
-def main_verify(paths: Sequence[Path], chain_key_file: Path | None) -> int:
-    """``xks-proxy audit verify FILE...``: print a report; return 0 if OK, else 1.
+def worker_log_path(path: Path, worker: int) -> Path:
+    """The live file of worker ``worker``'s own chain, beside the configured ``path``.
 
-    Rotated files (``<stem>.<timestamp>.<seq>.jsonl``) are put in chain order by
-    their seq, whatever order the shell globbed them in; other files follow as given.
+    ``audit.jsonl`` -> ``audit.worker0.jsonl``, ``audit.worker1.jsonl``, ...: each
+    worker process appends to a chain of its own, so workers never wait for one
+    another's lock or re-read one another's records (docs/audit.md, "Files").
     """
-    if not paths:
-        print("audit verify: no files given", file=sys.stderr)
+    return path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
+
+
+def chain_of(path: Path) -> tuple[Path, str]:
+    """(directory, chain name) of an audit file: its live file's stem.
+
+    ``audit.worker0.jsonl`` and its rotated ``audit.worker0.<timestamp>.<seq>.jsonl``
+    belong to chain ``audit.worker0``; any other file is a chain of its own name.
+    """
+    match = re.fullmatch(r"(.+)" + _ROTATED_NAME, path.name)
+    return path.parent, match.group(1) if match is not None else path.stem
+
+
+def audit_chains(paths: Sequence[Path]) -> list[list[Path]]:
+    """Group files into chains, each in chain order; a directory stands for its *.jsonl.
+
+    Chains come in the order their first file was given (a directory's files sorted
+    by name).
+    """
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(child for child in path.iterdir() if child.suffix == ".jsonl"))
+        else:
+            files.append(path)
+    chains: dict[tuple[Path, str], list[Path]] = {}
+    for path in files:
+        chains.setdefault(chain_of(path), []).append(path)
+    return [_chain_order(chain) for chain in chains.values()]
+
+
+def main_verify(paths: Sequence[Path], chain_key_file: Path | None) -> int:
+    """``xks-proxy audit verify FILE|DIR...``: print a report; return 0 if OK, else 1.
+
+    Files are grouped into chains (one per worker: ``audit.worker0.jsonl`` with its
+    rotated files, ...) and each chain is verified on its own. Within a chain, rotated
+    files (``<stem>.<timestamp>.<seq>.jsonl``) are put in order by their seq, whatever
+    order the shell globbed them in; other files follow as given.
+    """
+    chains = audit_chains([Path(path) for path in paths])
+    if not chains:
+        print("audit verify: no audit files given", file=sys.stderr)
         return 1
     chain_key: bytes | None = None
     if chain_key_file is not None:
@@ -916,16 +960,30 @@ def main_verify(paths: Sequence[Path], chain_key_file: Path | None) -> int:
         except (OSError, ValueError) as error:
             print(f"audit verify: {error}", file=sys.stderr)
             return 1
-    report = verify_files(_chain_order([Path(path) for path in paths]), chain_key=chain_key)
+    failed = 0
+    for files in chains:
+        name = f"{chain_of(files[-1])[1]}: " if len(chains) > 1 else ""
+        if not _print_report(name, verify_files(files, chain_key=chain_key)):
+            failed += 1
+    if len(chains) > 1:
+        verdict = f"FAILED: {failed} of {len(chains)}" if failed else f"OK: all {len(chains)}"
+        print(f"{verdict} chains")
+    return 1 if failed else 0
+
+
+def _print_report(name: str, report: VerifyReport) -> bool:
     scope = f"{report.records} records across {len(report.files)} files"
     if report.last_seq is not None:
         scope += f" (seq {report.first_seq}..{report.last_seq}, last hash {report.last_hash})"
     if report.ok:
-        print(f"OK: {scope}")
+        print(f"{name}OK: {scope}")
         if report.first_seq:
-            print(f"note: the chain starts at seq {report.first_seq}, not 0 (older files removed?)")
-        return 0
-    print(f"FAILED: {len(report.problems)} problem(s) in {scope}")
+            print(
+                f"{name}note: the chain starts at seq {report.first_seq}, not 0 "
+                "(older files removed?)"
+            )
+        return True
+    print(f"{name}FAILED: {len(report.problems)} problem(s) in {scope}")
     for problem in report.problems:
         print(f"  {problem}")
-    return 1
+    return False

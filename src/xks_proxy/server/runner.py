@@ -72,8 +72,8 @@ def open_key_manager(config: ProxyConfig) -> KeyManager:
     return failover
 
 
-def build_service(config: ProxyConfig) -> XksService:
-    return XksService(config, open_key_manager(config))
+def build_service(config: ProxyConfig, worker: int = 0) -> XksService:
+    return XksService(config, open_key_manager(config), worker=worker)
 
 
 def uvicorn_options(config: ProxyConfig) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class Worker:
 
     def uvicorn_config(self) -> uvicorn.Config:
         app = CloseWhenDraining(
-            XksApp(lambda: build_service(self.config), on_started=self._started),
+            XksApp(lambda: build_service(self.config, self.index), on_started=self._started),
             lambda: self.draining,
         )
         options: dict[str, Any] = uvicorn_options(self.config)
@@ -169,7 +169,7 @@ def run_worker(
     config: ProxyConfig, index: int, control: Connection, sockets: list[socket.socket]
 ) -> None:
     """Entry point of a spawned worker process."""
-    # HSM calls and audit writes run on their own threads; a thread waiting for the GIL
+    # HSM calls (and audit writes with fsync) run on their own threads; a thread waiting for the GIL
     # would otherwise wait up to the default 5 ms switch interval while the event loop
     # is busy, which showed up as milliseconds of latency per request.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
