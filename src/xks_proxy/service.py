@@ -216,10 +216,25 @@ class XksService:
         query_string: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
+        *,
+        client: str | None = None,
     ) -> Outcome:
-        """Answer one HTTP request; never raises. The audit record is written first."""
+        """Answer one HTTP request; never raises. The audit record is written first.
+
+        ``client``: the peer's address, for the request log and the audit record.
+        """
         started = time.perf_counter()
         outcome = await self._answer(method, raw_path, query_string, headers, body)
+        return await self._audited(outcome, started, client)
+
+    async def refused(self, outcome: Outcome, *, client: str | None = None) -> Outcome:
+        """An answer the HTTP edge decided itself (a body over the size limit), audited
+        like every other answer before it goes out."""
+        return await self._audited(outcome, time.perf_counter(), client)
+
+    async def _audited(self, outcome: Outcome, started: float, client: str | None) -> Outcome:
+        if client is not None:
+            outcome.log["client"] = client
         if self.audit is not None:
             record = audit_record(outcome.log)
             record["latencyMs"] = round((time.perf_counter() - started) * 1000, 3)

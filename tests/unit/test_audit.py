@@ -666,12 +666,36 @@ def test_worker_log_paths_and_chain_names(tmp_path: Path) -> None:
     base = tmp_path / "audit.jsonl"
     assert worker_log_path(base, 0) == tmp_path / "audit.worker0.jsonl"
     assert worker_log_path(base, 12).name == "audit.worker12.jsonl"
+    # Whatever the configured name, the live files end in .worker<N>.jsonl.
+    assert worker_log_path(tmp_path / "xks-audit", 1).name == "xks-audit.worker1.jsonl"
+    assert worker_log_path(tmp_path / "audit.log", 1).name == "audit.log.worker1.jsonl"
     rotated = tmp_path / "audit.worker1.20261130T101010Z.41.jsonl"
-    assert chain_of(rotated) == (tmp_path, "audit.worker1")
-    assert chain_of(worker_log_path(base, 1)) == (tmp_path, "audit.worker1")
-    assert chain_of(tmp_path / "copy.jsonl") == (tmp_path, "copy")
-    # The same name in another directory is another chain.
-    assert chain_of(tmp_path / "x" / "audit.worker1.jsonl") != chain_of(worker_log_path(base, 1))
+    assert chain_of(rotated) == "audit.worker1"
+    assert chain_of(worker_log_path(base, 1)) == "audit.worker1"
+    assert chain_of(worker_log_path(base, 10)) == "audit.worker10"
+    assert chain_of(tmp_path / "copy.jsonl") == "copy"
+    # Rotated files archived in another directory still belong to their chain.
+    assert chain_of(tmp_path / "archive" / rotated.name) == "audit.worker1"
+
+
+def test_workers_chains_stay_apart_whatever_the_configured_name(tmp_path: Path) -> None:
+    """A path without .jsonl once gave two workers the same rotated-file names, so one
+    chain continued from the other's rotated file."""
+    for base in (tmp_path / "a" / "xks-audit", tmp_path / "b" / "audit.log"):
+        base.parent.mkdir()
+        logs = [AuditLog(worker_log_path(base, w), fsync=False, rotate_bytes=1500) for w in (0, 1)]
+        for number in range(30):
+            for log in logs:
+                log.append(_record(number))
+        for log in logs:
+            log.close()
+        chains = audit_chains([base.parent])
+        assert [chain_of(chain[-1]) for chain in chains] == [
+            worker_log_path(base, w).stem for w in (0, 1)
+        ]
+        for chain in chains:
+            report = verify_files(chain)
+            assert report.ok and report.records == 30 and len(chain) > 2, report.problems
 
 
 def test_audit_chains_groups_a_directory_by_worker(tmp_path: Path) -> None:
@@ -717,3 +741,27 @@ def test_main_verify_of_an_empty_directory_fails(
 ) -> None:
     assert main_verify([tmp_path], None) == 1
     assert "no audit files" in capsys.readouterr().err
+
+
+def test_a_file_given_twice_counts_once(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_log(log_path, 4)
+    (log_path.parent / "not-a-file.jsonl").mkdir()  # a directory with the suffix is skipped
+    assert main_verify([log_path.parent, log_path, log_path.parent.resolve()], None) == 0
+    assert capsys.readouterr().out.startswith("OK: 4 records across 1 files")
+
+
+def test_a_rotated_file_missing_from_an_archive_is_still_a_break(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live = tmp_path / "audit" / "audit.worker0.jsonl"
+    live.parent.mkdir()
+    _write_log(live, 30, rotate_bytes=1500)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    rotated = [path for path in audit_files_in_order(live) if path != live]
+    for path in rotated:
+        path.rename(archive / path.name)
+    (archive / rotated[-1].name).unlink()  # the newest archived file goes missing
+    assert main_verify([*sorted(archive.iterdir()), live.parent], None) == 1
+    out = capsys.readouterr().out
+    assert "chain break between files" in out and "record(s) missing" in out

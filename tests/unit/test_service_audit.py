@@ -57,8 +57,10 @@ def test_each_answer_is_in_its_workers_chain_before_it_is_returned(
 
 
 @pytest.mark.parametrize("fsync", [False, True], ids=["inline", "group-commit"])
-def test_an_unwritable_audit_log_fails_the_request(tmp_path: Path, fsync: bool) -> None:
-    """Fail closed: no 200 goes out without its record."""
+def test_an_unwritable_audit_log_fails_the_request(
+    tmp_path: Path, fsync: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail closed: no 200 goes out without its record, and the log says why."""
     service = XksService(config(tmp_path, audit={"fsync": fsync}), StandInHsm(), worker=0)
     live = tmp_path / "state" / "audit" / "audit.worker0.jsonl"
 
@@ -76,7 +78,12 @@ def test_an_unwritable_audit_log_fails_the_request(tmp_path: Path, fsync: bool) 
         finally:
             service.close()
 
-    asyncio.run(run())
+    with caplog.at_level("ERROR", logger="xks_proxy.audit"):
+        asyncio.run(run())
+    assert any(
+        "audit log write failed" in r.getMessage() and "not a valid audit record" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 def test_workers_write_separate_chains(tmp_path: Path) -> None:

@@ -908,35 +908,53 @@ def worker_log_path(path: Path, worker: int) -> Path:
 
     ``audit.jsonl`` -> ``audit.worker0.jsonl``, ``audit.worker1.jsonl``, ...: each
     worker process appends to a chain of its own, so workers never wait for one
-    another's lock or re-read one another's records (docs/audit.md, "Files").
+    another's lock or re-read one another's records (docs/audit.md, "Files"). The
+    name always ends in ``.worker<N>.jsonl`` (``audit.log`` -> ``audit.log.worker0.jsonl``)
+    so that every chain's rotated files, ``<live stem>.<timestamp>.<seq>.jsonl``,
+    have names of their own.
     """
-    return path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
+    name = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(f"{name}.worker{worker}.jsonl")
 
 
-def chain_of(path: Path) -> tuple[Path, str]:
-    """(directory, chain name) of an audit file: its live file's stem.
+def chain_of(path: Path) -> str:
+    """The chain an audit file belongs to: its live file's stem.
 
     ``audit.worker0.jsonl`` and its rotated ``audit.worker0.<timestamp>.<seq>.jsonl``
-    belong to chain ``audit.worker0``; any other file is a chain of its own name.
+    (in any directory: rotated files may be archived elsewhere) belong to chain
+    ``audit.worker0``; any other file is a chain of its own name.
     """
     match = re.fullmatch(r"(.+)" + _ROTATED_NAME, path.name)
-    return path.parent, match.group(1) if match is not None else path.stem
+    return match.group(1) if match is not None else path.stem
 
 
 def audit_chains(paths: Sequence[Path]) -> list[list[Path]]:
     """Group files into chains, each in chain order; a directory stands for its *.jsonl.
 
-    Chains come in the order their first file was given (a directory's files sorted
-    by name).
+    Files are grouped by chain name whatever directory they are in, so a rotated file
+    missing between an archive directory and the live file is still a break. A file
+    given twice (e.g. a directory and a file in it) counts once. Chains come in the
+    order their first file was given (a directory's files sorted by name).
     """
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(child for child in path.iterdir() if child.suffix == ".jsonl"))
+            files.extend(
+                sorted(
+                    child
+                    for child in path.iterdir()
+                    if child.suffix == ".jsonl" and child.is_file()
+                )
+            )
         else:
             files.append(path)
-    chains: dict[tuple[Path, str], list[Path]] = {}
+    seen: set[Path] = set()
+    chains: dict[str, list[Path]] = {}
     for path in files:
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
         chains.setdefault(chain_of(path), []).append(path)
     return [_chain_order(chain) for chain in chains.values()]
 
@@ -951,7 +969,7 @@ def main_verify(paths: Sequence[Path], chain_key_file: Path | None) -> int:
     """
     chains = audit_chains([Path(path) for path in paths])
     if not chains:
-        print("audit verify: no audit files given", file=sys.stderr)
+        print("audit verify: no audit files (*.jsonl) in the paths given", file=sys.stderr)
         return 1
     chain_key: bytes | None = None
     if chain_key_file is not None:
@@ -962,7 +980,7 @@ def main_verify(paths: Sequence[Path], chain_key_file: Path | None) -> int:
             return 1
     failed = 0
     for files in chains:
-        name = f"{chain_of(files[-1])[1]}: " if len(chains) > 1 else ""
+        name = f"{chain_of(files[-1])}: " if len(chains) > 1 else ""
         if not _print_report(name, verify_files(files, chain_key=chain_key)):
             failed += 1
     if len(chains) > 1:

@@ -77,7 +77,11 @@ class AuditSink:
     async def record(self, fields: dict[str, Any]) -> None:
         """Append one record; returns once it is written (and synced, with fsync)."""
         if self._thread is None:
-            self.audit_log.append_many((fields,))
+            try:
+                self.audit_log.append_many((fields,))
+            except Exception as exc:  # the request fails closed; say why here
+                logger.error("audit log write failed: %s", exc)
+                raise
             return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()

@@ -72,10 +72,10 @@ class _RequestLog:
     It is the one log line on the hot path: one orjson call per request. Inside a
     running event loop, the lines of one loop step are written together at the end of
     it (call_soon): fewer write() calls, each of which would also hand the GIL to the
-    HSM or audit thread and make the loop wait to get it back. Each write holds whole
-    lines and at most PIPE_BUF bytes (a longer line alone), so lines from several
-    workers sharing a pipe never interleave. Outside a loop a line is written at once.
-    Same shape as JsonFormatter's lines.
+    HSM thread (or the audit thread, with fsync) and make the loop wait to get it
+    back. Each write holds whole lines and at most PIPE_BUF bytes (a longer line
+    alone), so lines from several workers sharing a pipe never interleave. Outside a
+    loop a line is written at once. Same shape as JsonFormatter's lines.
     """
 
     def __init__(self) -> None:

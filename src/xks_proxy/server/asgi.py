@@ -114,13 +114,15 @@ class XksApp:
             await _respond(send, not_started.status, error_body(not_started), CLOSE_HEADERS)
             return
         max_body_bytes = service.config.server.max_body_bytes
+        peer = scope.get("client")
+        client: str | None = peer[0] if peer else None
         try:
             body = await _read_body(scope, receive, max_body_bytes)
         except BodyTooLarge:
             too_large = UnsupportedOperationException(
                 f"request body larger than {max_body_bytes} bytes is not supported"
             )
-            outcome = error_outcome(too_large, CLOSE_HEADERS)
+            outcome = await service.refused(error_outcome(too_large, CLOSE_HEADERS), client=client)
         else:
             raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
             outcome = await service.handle(
@@ -129,15 +131,13 @@ class XksApp:
                 scope["query_string"],
                 scope["headers"],
                 body,
+                client=client,
             )
         await _respond(send, outcome.status, outcome.body, outcome.headers)
         elapsed = time.perf_counter() - started
         outcome.log["latencyMs"] = round(elapsed * 1000, 3)
         if self.metrics is not None:
             self.metrics.observe(outcome.log, elapsed)
-        client = scope.get("client")
-        if client:
-            outcome.log["client"] = client[0]
         log_request(outcome.log)
 
 
