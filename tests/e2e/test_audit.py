@@ -6,7 +6,9 @@ says where."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -135,3 +137,54 @@ def test_audit_log_chains_across_workers(softhsm_token: Any, tmp_path: Path) -> 
     result = verify(directory)
     assert result.returncode == 1 and f"{audit.name}:6: edited" in result.stdout
     assert "FAILED: 1 of 2 chains" in result.stdout
+
+
+def test_a_restarted_worker_keeps_its_chain_after_an_audit_change(
+    softhsm_token: Any, tmp_path: Path
+) -> None:
+    """[audit] needs a restart of the proxy; a worker that crashes after such a reload
+    comes back on the chain it had, not on the reloaded settings."""
+    port = free_port()
+    config = write_config(tmp_path, softhsm_token, port)
+    proxy = start_proxy(config, tmp_path / "proxy.log", port)
+    path = f"/{PREFIX}/kms/xks/v1/keys/foo/encrypt"
+    body = {
+        "requestMetadata": {
+            "awsPrincipalArn": "arn:aws:iam::1:user/a",
+            "kmsKeyArn": "arn:aws:kms:us-east-1:1:key/k",
+            "kmsOperation": "Encrypt",
+            "kmsRequestId": "before-crash",
+        },
+        "plaintext": MARKER,
+        "encryptionAlgorithm": "AES_GCM",
+    }
+    chain = tmp_path / "state" / "audit" / "audit.worker0.jsonl"
+    moved = tmp_path / "moved"
+    try:
+        assert proxy.request("POST", path, body, credential=CREDENTIAL).status == 200
+        config.write_text(config.read_text() + f'\n[audit]\npath = "{moved}/audit.jsonl"\n')
+        reloaded = subprocess.run(
+            [sys.executable, "-m", "xks_proxy", "reload", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+        worker = int(re.findall(r"started worker 0 \(pid (\d+)\)", proxy.log_text())[-1])
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while proxy.log_text().count("worker 0 ready") < 2:
+            assert time.monotonic() < deadline, proxy.log_text()
+            time.sleep(0.05)
+        body["requestMetadata"]["kmsRequestId"] = "after-crash"  # type: ignore[index]
+        assert proxy.request("POST", path, body, credential=CREDENTIAL).status == 200
+    finally:
+        proxy.stop()
+    records = [json.loads(line) for line in chain.read_text().splitlines()]
+    assert [r["seq"] for r in records] == list(range(len(records)))  # one unbroken chain
+    assert [r["kmsRequestId"] for r in records if "kmsRequestId" in r] == [
+        "before-crash",
+        "after-crash",
+    ]
+    assert not moved.exists()

@@ -8,6 +8,7 @@ a clear message. Workers are spawned with fork+exec and open their own sessions.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from xks_proxy.config import HsmConfig, ProxyConfig
@@ -93,10 +94,20 @@ def uvicorn_options(config: ProxyConfig) -> dict[str, Any]:
     }
 
 
+RESTART_ONLY_SERVER_SETTINGS = (
+    "host",
+    "port",
+    "workers",
+    "state_dir",
+    "health_host",
+    "health_port",
+)
+
+
 def restart_needed_for(old: ProxyConfig, new: ProxyConfig) -> list[str]:
     """Settings a reload cannot apply in place (they need a restart)."""
     changed = []
-    for name in ("host", "port", "workers", "state_dir", "health_host", "health_port"):
+    for name in RESTART_ONLY_SERVER_SETTINGS:
         if getattr(old.server, name) != getattr(new.server, name):
             changed.append(f"server.{name}")
     if old.hsms != new.hsms:
@@ -114,6 +125,34 @@ def restart_needed_for(old: ProxyConfig, new: ProxyConfig) -> list[str]:
     ):
         changed.append("tls (turning TLS or mTLS on or off)")
     return changed
+
+
+def respawn_config(started: ProxyConfig, current: ProxyConfig) -> ProxyConfig:
+    """The configuration a worker restarted after a crash runs with.
+
+    The current (last reloaded) configuration, except the settings a reload cannot
+    apply in place (restart_needed_for): those keep the values the proxy started
+    with, so that one restarted worker never runs on another HSM, another audit
+    chain key or path, or another TLS mode than its siblings.
+    """
+    changed = restart_needed_for(started, current)
+    if not changed:
+        return current
+    server = replace(
+        current.server,
+        **{name: getattr(started.server, name) for name in RESTART_ONLY_SERVER_SETTINGS},
+    )
+    health = replace(
+        current.health,
+        degraded_latency_ms=started.health.degraded_latency_ms,
+        probation_seconds=started.health.probation_seconds,
+    )
+    tls = current.tls
+    if any(item.startswith("tls") for item in changed):
+        tls = started.tls
+    return replace(
+        current, server=server, hsms=started.hsms, audit=started.audit, health=health, tls=tls
+    )
 
 
 def serve(config: ProxyConfig) -> int:

@@ -37,6 +37,7 @@ from xks_proxy.keymanager.base import KeyManager
 from xks_proxy.observability.metrics import prepare_multiprocess_dir
 from xks_proxy.server import reload as reload_files
 from xks_proxy.server.health_listener import HealthListener
+from xks_proxy.server.runner import respawn_config
 from xks_proxy.server.worker import DRAIN, run_worker, tls_settings
 
 logger = logging.getLogger("xks_proxy.supervisor")
@@ -69,6 +70,7 @@ class Supervisor:
         if config.source is None:
             raise ValueError("the supervisor needs a config file to hand to its workers")
         self.config = config
+        self.started_config = config  # restart-only settings stay as started (respawns)
         self.config_path: Path = config.source.resolve()
         self.key_manager = key_manager
         self.context = multiprocessing.get_context("spawn")
@@ -129,7 +131,9 @@ class Supervisor:
         process = self.context.Process(
             target=run_worker,
             kwargs={
-                "config": self.config,  # the last good one, never re-read from the file
+                # The last good one, never re-read from the file; settings that need a
+                # restart of the whole proxy keep their start-up values.
+                "config": respawn_config(self.started_config, self.config),
                 "index": index,
                 "control": worker_end,
                 "sockets": [self.socket],
