@@ -119,6 +119,20 @@ def sign(
     return dict(request.headers.items())
 
 
+def run_cli(
+    *args: str, timeout: float = 60, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m xks_proxy ARGS...`` to completion, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "xks_proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        check=False,
+    )
+
+
 def start_proxy(
     config_path: Path,
     log_path: Path,

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from e2e.conftest import CREDENTIAL, PREFIX, write_config
-from e2e.proxy import free_port, start_proxy
+from e2e.proxy import free_port, run_cli, start_proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hsm]
 
@@ -27,13 +26,7 @@ MARKER = "UExBSU5URVhULU1BUktFUi05OQ=="  # base64 of a marker plaintext
 
 
 def verify(*files: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xks_proxy", "audit", "verify", *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("audit", "verify", *map(str, files))
 
 
 def test_audit_log_chains_across_workers(softhsm_token: Any, tmp_path: Path) -> None:
@@ -163,13 +156,7 @@ def test_a_restarted_worker_keeps_its_chain_after_an_audit_change(
     try:
         assert proxy.request("POST", path, body, credential=CREDENTIAL).status == 200
         config.write_text(config.read_text() + f'\n[audit]\npath = "{moved}/audit.jsonl"\n')
-        reloaded = subprocess.run(
-            [sys.executable, "-m", "xks_proxy", "reload", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        reloaded = run_cli("reload", "--config", str(config))
         assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
         worker = int(re.findall(r"started worker 0 \(pid (\d+)\)", proxy.log_text())[-1])
         os.kill(worker, signal.SIGKILL)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from e2e.conftest import CREDENTIAL, PREFIX, write_config
-from e2e.proxy import ProxyProcess, free_port, start_proxy
+from e2e.proxy import ProxyProcess, free_port, run_cli, start_proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hsm]
 
@@ -70,13 +70,7 @@ def log_line(proxy: ProxyProcess, request_id: str) -> dict[str, Any]:
 
 
 def reload(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xks_proxy", "reload", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("reload", "--config", str(config))
 
 
 def test_policies_allow_deny_and_log(softhsm_token: Any, tmp_path: Path) -> None:

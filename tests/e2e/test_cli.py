@@ -7,29 +7,18 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from e2e.conftest import PREFIX, write_config
-from e2e.proxy import free_port, start_proxy
+from e2e.proxy import free_port, run_cli, start_proxy
 
 pytestmark = [pytest.mark.e2e]
 
 
-def xks_proxy(
-    *args: str, timeout: float = 60, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xks_proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=stdin,
-        check=False,
-    )
+xks_proxy = run_cli
 
 
 # ---------------------------------------------------------------- start-up failures

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from e2e.conftest import CREDENTIAL, PREFIX, SECOND_CREDENTIAL, write_config
-from e2e.proxy import ProxyProcess, free_port, sign, start_proxy
+from e2e.proxy import ProxyProcess, free_port, run_cli, sign, start_proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hsm]
 
@@ -39,13 +38,7 @@ BODY = json.dumps(
 
 
 def reload(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xks_proxy", "reload", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("reload", "--config", str(config))
 
 
 def status_with(
