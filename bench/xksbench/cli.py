@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="switch the proxy's audit log off ([audit] enabled = false): to measure what it costs",
     )
+    add(
+        "--audit-fsync",
+        action="store_true",
+        help="[audit] fsync = true: each record synced to disk before its answer",
+    )
     add("--seed", type=int, default=1)
     add("--output-dir", type=Path, default=RESULTS_DIR)
     add("--keep", action="store_true", help="keep the temporary directory (token, logs)")
@@ -139,6 +144,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise SystemExit(f"bench/run: unknown phase(s): {', '.join(sorted(unknown))}")
+    if args.no_audit and args.audit_fsync:
+        raise SystemExit("bench/run: --no-audit and --audit-fsync exclude each other")
     if args.memory and "memory" not in phases:
         phases.append("memory")
     args.phase_list = [p for p in PHASES if p in phases]
@@ -418,7 +425,7 @@ class Bench:
             workers=self.args.workers,
             tls=certs,
             log_level=self.args.log_level,
-            audit=not self.args.no_audit,
+            audit="off" if self.args.no_audit else "fsync" if self.args.audit_fsync else "on",
         )
         server = ProxyServer(
             config, self.work / f"{name}.log", port, self.args.workers, self.args.log_level
@@ -925,7 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pkcs11_seconds": args.pkcs11_seconds,
             "proxy_log_level": args.log_level,
             "proxy_health_port": not args.no_health_port,
-            "proxy_audit_log": not args.no_audit,
+            "proxy_audit_log": "off" if args.no_audit else "fsync" if args.audit_fsync else "on",
             "wait_quiet_s": args.wait_quiet,
             "quiet_cores": args.quiet_cores,
             "payload": "Encrypt: 32-byte plaintext, 40-byte AAD, no CDIV; key 'foo'",

@@ -123,7 +123,7 @@ def write_proxy_config(
     workers: int,
     tls: Tls | None,
     log_level: str,
-    audit: bool = True,
+    audit: str = "on",
 ) -> Path:
     """A production-like config: workers, health/metrics listener, per-request log lines."""
     from xks_proxy.keymanager.softhsm import HEALTH_CHECK_KEY_LABEL
@@ -134,7 +134,11 @@ def write_proxy_config(
         else ""
     )
     key_ids = ", ".join(_toml(label) for label in token.key_labels)
-    audit_section = "" if audit else "[audit]\nenabled = false  # bench/run --no-audit\n"
+    audit_section = {
+        "on": "",
+        "off": "[audit]\nenabled = false  # bench/run --no-audit\n",
+        "fsync": "[audit]\nfsync = true  # bench/run --audit-fsync\n",
+    }[audit]
     text = f"""# Written by bench/run.
 [server]
 host = "127.0.0.1"
