@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from .echo import read_body, serve, server_arguments
+from .hsm import open_key_manager
 from .workloads import AAD_BYTES, PLAINTEXT_BYTES
 
 Message = MutableMapping[str, Any]
@@ -73,22 +74,12 @@ class FloorApp:
 
     def _open(self) -> None:
         from xks_proxy.hsmcalls import HsmCalls
-        from xks_proxy.keymanager.pkcs11 import Pkcs11KeyManager, Pkcs11Settings
-        from xks_proxy.keymanager.softhsm import HEALTH_CHECK_KEY_LABEL
 
         options = self.options
         with open(options["pin_file"], encoding="utf-8") as handle:
             pin = handle.read().strip()
-        self.key_manager = Pkcs11KeyManager.open(
-            Pkcs11Settings(
-                module_path=options["module"],
-                token_label=options["token_label"],
-                slot=None,
-                pin=pin,
-                health_check_key_label=HEALTH_CHECK_KEY_LABEL,
-                sessions=1,
-                environment={"SOFTHSM2_CONF": options["conf"]},
-            )
+        self.key_manager = open_key_manager(
+            options["module"], options["token_label"], pin, options["conf"]
         )
         if options["hsm_calls"] == "thread":
             self.hsm_calls = HsmCalls(1, name="floor-hsm")

@@ -70,20 +70,25 @@ def bare(args: argparse.Namespace, pin: str) -> dict[str, Any]:
         return measure(encrypt, args.seconds)
 
 
-def manager(args: argparse.Namespace, pin: str) -> dict[str, Any]:
+def open_key_manager(module: str, token_label: str, pin: str, conf: str) -> Any:
+    """The proxy's PKCS#11 adapter on the bench's token, one session."""
     from xks_proxy.keymanager.pkcs11 import Pkcs11KeyManager, Pkcs11Settings
     from xks_proxy.keymanager.softhsm import HEALTH_CHECK_KEY_LABEL
 
     settings = Pkcs11Settings(
-        module_path=args.module,
-        token_label=args.token_label,
+        module_path=module,
+        token_label=token_label,
         slot=None,
         pin=pin,
         health_check_key_label=HEALTH_CHECK_KEY_LABEL,
         sessions=1,
-        environment={"SOFTHSM2_CONF": args.conf},
+        environment={"SOFTHSM2_CONF": conf},
     )
-    key_manager = Pkcs11KeyManager.open(settings)
+    return Pkcs11KeyManager.open(settings)
+
+
+def manager(args: argparse.Namespace, pin: str) -> dict[str, Any]:
+    key_manager = open_key_manager(args.module, args.token_label, pin, args.conf)
     plaintext = os.urandom(PLAINTEXT_BYTES)
     aad = os.urandom(AAD_BYTES)
     try:
